@@ -1,0 +1,4 @@
+from .convert import convert_bn_to_cbn, convert_cbn_to_bn, name_cbn_layers
+from .layer import CrossIterationBatchNorm2d
+
+__all__ = ['CrossIterationBatchNorm2d', 'convert_bn_to_cbn', 'convert_cbn_to_bn', 'name_cbn_layers']

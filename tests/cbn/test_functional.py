@@ -1,0 +1,78 @@
+"""The closed-form pieces against autograd and unfold."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cbn_mmdet.cbn.conv_trace import find_producing_conv
+from cbn_mmdet.cbn.functional import CountNormalize, mean_patch, project, weight_derivatives
+
+CONVS = [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=3, padding=2, dilation=2),
+    dict(kernel_size=3, padding=1, groups=2),
+    dict(kernel_size=1),
+    dict(kernel_size=(3, 1), stride=(2, 1), padding=(1, 0), bias=True),
+    dict(kernel_size=5, stride=3, padding=0),
+]
+
+
+@pytest.mark.parametrize('kw', CONVS)
+def test_mean_patch_matches_unfold(kw):
+    x = torch.randn(3, 4, 11, 10, dtype=torch.float64)
+    k = kw['kernel_size'] if isinstance(kw['kernel_size'], tuple) else (kw['kernel_size'],) * 2
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+    s, p, d = pair(kw.get('stride', 1)), pair(kw.get('padding', 0)), pair(kw.get('dilation', 1))
+    cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (N, C*kh*kw, L)
+    ho = (11 + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    wo = (10 + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    expected = cols.sum((0, 2)).reshape(4, *k)
+    torch.testing.assert_close(mean_patch(x, k, s, p, d, (ho, wo)), expected)
+
+
+@pytest.mark.parametrize('kw', CONVS)
+def test_weight_derivatives_match_autograd(kw):
+    conv = torch.nn.Conv2d(4, 6, **kw).double()
+    x = torch.randn(2, 4, 11, 10, dtype=torch.float64)
+    y = conv(x)
+    mu, nu = y.mean((0, 2, 3)), (y * y).mean((0, 2, 3))
+    dmu_ref = torch.autograd.grad(mu.sum(), conv.weight, retain_graph=True)[0]
+    dnu_ref = torch.autograd.grad(nu.sum(), conv.weight, retain_graph=True)[0]
+    rec, why = find_producing_conv(y)
+    assert why == 'conv' and rec.weight is conv.weight
+    dmu, dnu = weight_derivatives(rec, y.detach())
+    g = conv.groups
+    torch.testing.assert_close(dnu, dnu_ref.reshape(6, -1))
+    # d mu/dW is the same mean patch for every channel of a group
+    torch.testing.assert_close(dmu.repeat_interleave(6 // g, 0), dmu_ref.reshape(6, -1))
+    wmu, wnu = project(dmu, dnu, conv.weight.detach().reshape(6, -1))
+    torch.testing.assert_close(wnu, (dnu_ref * conv.weight).sum((1, 2, 3)))
+    torch.testing.assert_close(wmu, (dmu_ref * conv.weight).sum((1, 2, 3)))
+
+
+@pytest.mark.parametrize('affine', [True, False])
+def test_count_normalize_backward_is_bn_backward_over_count(affine):
+    """With mean/var built from y and constants, autograd of the explicit formula must equal
+    CountNormalize's closed-form backward."""
+    y = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True) if affine else None
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True) if affine else None
+    c_mu, c_nu, n, eps = torch.randn(3).double(), torch.rand(3).double() + 2, 3, 1e-5
+    m = 2 * 4 * 5
+
+    def explicit(y):
+        mean = (y.mean((0, 2, 3)) + c_mu) / n
+        var = ((y * y).mean((0, 2, 3)) + c_nu) / n - mean * mean
+        out = (y - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + eps).sqrt()
+        return out * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1) if affine else out
+    g = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    ref = explicit(y)
+    ref_grads = torch.autograd.grad(ref, [y] + ([w, b] if affine else []), g)
+    with torch.no_grad():
+        mean = (y.mean((0, 2, 3)) + c_mu) / n
+        var = ((y * y).mean((0, 2, 3)) + c_nu) / n - mean * mean
+    out = CountNormalize.apply(y, w, b, mean, (var + eps).rsqrt(), torch.tensor(float(n * m)))
+    grads = torch.autograd.grad(out, [y] + ([w, b] if affine else []), g)
+    torch.testing.assert_close(out, ref)
+    for a, e in zip(grads, ref_grads):
+        torch.testing.assert_close(a, e)

@@ -1,0 +1,312 @@
+"""CrossIterationBatchNorm2d against the straightforward reference, BatchNorm2d and the truth."""
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cbn_mmdet.cbn import CrossIterationBatchNorm2d
+from tests.cbn.reference import ReferenceCBN
+
+F64 = torch.float64
+CONVS = {
+    '3x3': dict(kernel_size=3, padding=1),
+    'strided': dict(kernel_size=3, stride=2, padding=1),
+    'dilated': dict(kernel_size=3, padding=2, dilation=2),
+    'grouped': dict(kernel_size=3, padding=1, groups=2),
+    '1x1': dict(kernel_size=1),
+    'biased': dict(kernel_size=3, padding=1, bias=True),
+}
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _weights(c):
+    return torch.linspace(0.5, 2.0, c, dtype=F64).view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize('window', [2, 3, 4])
+@pytest.mark.parametrize('conv_name', list(CONVS))
+@pytest.mark.parametrize('compensate', [True, False])
+def test_matches_reference_over_sgd_steps(conv_name, window, compensate):
+    """Outputs, input gradients, conv-weight gradients and running statistics agree with the
+    autograd-derivative reference to 1e-6 relative over 12 SGD steps (float64)."""
+    conv = nn.Conv2d(6, 8, **CONVS[conv_name]).double()
+    cbn = CrossIterationBatchNorm2d(8, window=window, compensate=compensate).double()
+    with torch.no_grad():
+        cbn.weight.uniform_(0.5, 1.5)
+        cbn.bias.uniform_(-0.5, 0.5)
+    conv_ref = copy.deepcopy(conv)
+    gamma = cbn.weight.detach().clone().requires_grad_()
+    beta = cbn.bias.detach().clone().requires_grad_()
+    ref = ReferenceCBN(8, window, compensate=compensate)
+    opt = torch.optim.SGD([*conv.parameters(), *cbn.parameters()], lr=0.01, momentum=0.9)
+    opt_ref = torch.optim.SGD([*conv_ref.parameters(), gamma, beta], lr=0.01, momentum=0.9)
+    for _ in range(12):
+        x = torch.randn(2, 6, 9, 9, dtype=F64) * 1.5 + 0.3
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, out_ref = cbn(conv(x1)), ref(conv_ref, x2, gamma, beta)
+        target = torch.randn_like(out)
+        for o, p in ((out, opt), (out_ref, opt_ref)):
+            p.zero_grad()
+            (((o - target) ** 2) * _weights(8)).sum().backward()
+        assert rel(out, out_ref) < 1e-6
+        assert rel(x1.grad, x2.grad) < 1e-6
+        assert rel(conv.weight.grad, conv_ref.weight.grad) < 1e-6
+        assert rel(cbn.weight.grad, gamma.grad) < 1e-6
+        assert rel(cbn.bias.grad, beta.grad) < 1e-6
+        assert rel(cbn.running_mean, ref.running_mean) < 1e-6
+        assert rel(cbn.running_var, ref.running_var) < 1e-6
+        opt.step()
+        opt_ref.step()
+
+
+def _train_pair(cbn, bn, steps, x_shape=(2, 4, 6, 6), momentum_ref=None):
+    """Run conv+cbn and conv+bn side by side with SGD; yield per-step comparisons."""
+    conv = nn.Conv2d(x_shape[1], cbn.num_features, 3, padding=1).double()
+    conv_bn = copy.deepcopy(conv)
+    bn.load_state_dict({k: v for k, v in cbn.state_dict().items() if k in bn.state_dict()})
+    opt = torch.optim.SGD([*conv.parameters(), *cbn.parameters()], lr=0.02)
+    opt_bn = torch.optim.SGD([*conv_bn.parameters(), *bn.parameters()], lr=0.02)
+    for step in range(steps):
+        x = torch.randn(*x_shape, dtype=F64)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        o1, o2 = cbn(conv(x1)), bn(conv_bn(x2))
+        g = torch.randn_like(o1)
+        o1.backward(g)
+        o2.backward(g)
+        yield step, (o1, o2), (x1.grad, x2.grad), (conv.weight.grad, conv_bn.weight.grad), \
+            (cbn.weight.grad, bn.weight.grad), (cbn.running_mean, bn.running_mean), \
+            (cbn.running_var, bn.running_var)
+        opt.step()
+        opt_bn.step()
+        opt.zero_grad()
+        opt_bn.zero_grad()
+
+
+@pytest.mark.parametrize('momentum', [0.1, None])
+def test_window_1_is_batchnorm(momentum):
+    cbn = CrossIterationBatchNorm2d(5, window=1, momentum=momentum).double()
+    bn = nn.BatchNorm2d(5, momentum=momentum).double()
+    for step, *pairs in _train_pair(cbn, bn, 6):
+        for a, b in pairs:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert cbn.num_batches_tracked == bn.num_batches_tracked == 6
+
+
+def test_burnin_iterations_are_batchnorm_then_window_starts():
+    """Iterations 0..burnin-1 are BatchNorm2d exactly; the window fills from iteration burnin
+    (which therefore pools only itself), so iteration burnin+1 is the first to differ."""
+    cbn = CrossIterationBatchNorm2d(5, window=4, burnin=3).double()
+    bn = nn.BatchNorm2d(5).double()
+    for step, outs, *pairs in _train_pair(cbn, bn, 6):
+        if step < 3:
+            for a, b in (outs, *pairs):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        elif step == 3:
+            torch.testing.assert_close(*outs)
+        else:
+            assert rel(*outs) > 1e-3, 'the window is used after the burn-in'
+    assert cbn.cbn_step.item() == 6 and not cbn.in_burnin
+
+
+def _true_window_stats(conv, batches):
+    with torch.no_grad():
+        y = torch.cat([conv(x) for x in batches])
+    return y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=True)
+
+
+def test_compensation_against_rerun_with_current_weights():
+    """One conv, fixed inputs, weights moving ~0.5% per step: the compensated mean equals the
+    true mean of the window's batches re-run with the current weights (mean is linear in W),
+    and the variance error is >= 10x smaller than plain averaging's."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False).double()
+    batches = [torch.randn(2, 8, 12, 12, dtype=F64) * (1 + 0.3 * i) + 0.5 * i for i in range(8)]
+    layers = {c: CrossIterationBatchNorm2d(16, window=4, momentum=1.0, compensate=c).double()
+              for c in (True, False)}
+    errors = {True: [], False: []}
+    for t, x in enumerate(batches):
+        if t:
+            with torch.no_grad():  # a step of relative size 0.5%
+                d = torch.randn_like(conv.weight)
+                conv.weight.add_(d * (0.005 * conv.weight.norm() / d.norm()))
+        for comp, layer in layers.items():
+            layer(conv(x))  # the weight requires grad: the layer reads it off the graph
+        if t >= 3:
+            mean, var = _true_window_stats(conv, batches[t - 3:t + 1])
+            torch.testing.assert_close(layers[True].running_mean, mean, rtol=1e-10, atol=1e-12)
+            for comp, layer in layers.items():
+                errors[comp].append((layer.running_var - var).abs().max().item())
+    assert max(errors[False]) > 0
+    ratio = sum(errors[False]) / sum(errors[True])
+    assert ratio >= 10, ratio
+
+
+def test_frozen_conv_makes_plain_averaging_exact():
+    conv = nn.Conv2d(4, 6, 3, padding=1).double().requires_grad_(False)
+    layer = CrossIterationBatchNorm2d(6, window=3, momentum=1.0).double()
+    batches = [torch.randn(2, 4, 7, 7, dtype=F64, requires_grad=True) + i for i in range(5)]
+    for t, x in enumerate(batches):
+        layer(conv(x)).sum().backward()
+        if t >= 2:
+            mean, var = _true_window_stats(conv, batches[t - 2:t + 1])
+            torch.testing.assert_close(layer.running_mean, mean)
+            torch.testing.assert_close(layer.running_var, var)
+    assert layer.cbn_dnu.numel() == 0, 'no derivative is computed or stored for a frozen conv'
+
+
+def test_input_not_from_conv_warns_once_with_name_and_averages():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), CrossIterationBatchNorm2d(4, window=2))
+    from cbn_mmdet.cbn import name_cbn_layers
+    name_cbn_layers(model)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter('always')
+        for _ in range(3):
+            model(torch.randn(2, 3, 5, 5)).sum().backward()
+    msgs = [str(w.message) for w in rec if 'not from a 2-d conv' in str(w.message)]
+    assert len(msgs) == 1 and "'2'" not in msgs[0] and msgs[0].startswith('2:')
+    assert 'ReluBackward0' in msgs[0]
+
+
+def test_no_graph_input_uses_plain_averaging_without_warning():
+    layer = CrossIterationBatchNorm2d(3, window=3, momentum=1.0, affine=False).double()
+    xs = [torch.randn(2, 3, 4, 4, dtype=F64) + i for i in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        for x in xs:
+            layer(x)
+    y = torch.cat(xs[1:])
+    torch.testing.assert_close(layer.running_mean, y.mean((0, 2, 3)))
+    # each call without any gradient is its own step
+    assert layer.cbn_step.item() == 4
+
+
+def test_eval_mode_is_batchnorm_eval():
+    layer = CrossIterationBatchNorm2d(4, window=3)
+    conv = nn.Conv2d(2, 4, 3)
+    for _ in range(5):
+        layer(conv(torch.randn(2, 2, 6, 6))).sum().backward()
+    bn = nn.BatchNorm2d(4)
+    bn.load_state_dict({k: v for k, v in layer.state_dict().items() if k in bn.state_dict()})
+    layer.eval(), bn.eval()
+    x = torch.randn(3, 4, 5, 5)
+    torch.testing.assert_close(layer(x), bn(x), rtol=0, atol=0)
+    state = copy.deepcopy(layer.state_dict())
+    layer(x)
+    for k, v in layer.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+def _model(window=3, burnin=0):
+    torch.manual_seed(11)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), CrossIterationBatchNorm2d(8, window=window, burnin=burnin),
+        nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2),
+        CrossIterationBatchNorm2d(8, window=window, burnin=burnin), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).double()
+
+
+def _steps(model, opt, data):
+    losses = []
+    for x, t in data:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), t)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def _data(n, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(2, 3, 8, 8, generator=g, dtype=F64),
+             torch.randint(0, 3, (2,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize('split', [1, 2, 4])
+def test_state_dict_round_trip_mid_window(split):
+    """Save after `split` steps (mid-burn-in for split=1), load into a fresh model, continue:
+    identical to never stopping."""
+    data = _data(8)
+    model = _model(window=4, burnin=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    full = _steps(model, opt, data)
+
+    model = _model(window=4, burnin=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    first = _steps(model, opt, data[:split])
+    buf = io.BytesIO()
+    torch.save({'model': model.state_dict(), 'opt': opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    fresh = _model(window=4, burnin=2)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
+    fresh.load_state_dict(saved['model'])
+    fresh_opt.load_state_dict(saved['opt'])
+    rest = _steps(fresh, fresh_opt, data[split:])
+    torch.testing.assert_close(torch.cat([first, rest]), full, rtol=0, atol=0)
+
+
+def test_plain_bn_checkpoint_loads_strict():
+    bn_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    bn_model[1].running_mean.fill_(0.3)
+    cbn_model = nn.Sequential(nn.Conv2d(3, 4, 3), CrossIterationBatchNorm2d(4))
+    result = cbn_model.load_state_dict(bn_model.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(cbn_model[1].running_mean, torch.full((4,), 0.3))
+
+
+def test_to_moves_window_state_and_dtype():
+    layer = CrossIterationBatchNorm2d(4, window=3)
+    conv = nn.Conv2d(2, 4, 3)
+    for _ in range(3):
+        layer(conv(torch.randn(2, 2, 5, 5))).sum().backward()
+    layer = layer.double()
+    conv = conv.double()
+    assert layer.cbn_dnu.dtype == F64 and layer.cbn_mu.dtype == F64
+    out = layer(conv(torch.randn(2, 2, 5, 5, dtype=F64)))
+    assert out.dtype == F64 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('kwargs,option', [
+    (dict(window=0), 'window'), (dict(window=2.5), 'window'), (dict(window=True), 'window'),
+    (dict(burnin=-1), 'burnin'), (dict(burnin='8'), 'burnin'),
+    (dict(compensate='yes'), 'compensate'), (dict(compensate=1), 'compensate'),
+    (dict(eps=0), 'eps'), (dict(eps=-1e-5), 'eps'),
+    (dict(momentum=1.5), 'momentum'), (dict(momentum='0.1'), 'momentum'),
+    (dict(affine=1), 'affine'), (dict(track_running_stats=None), 'track_running_stats'),
+])
+def test_bad_options_name_the_option(kwargs, option):
+    with pytest.raises(ValueError, match=f'`{option}`'):
+        CrossIterationBatchNorm2d(8, **kwargs)
+
+
+def test_wrong_input_rank_is_rejected():
+    with pytest.raises(ValueError, match='4-d'):
+        CrossIterationBatchNorm2d(3)(torch.randn(2, 3, 4))
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16])
+def test_cpu_autocast_keeps_float32_statistics(dtype):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    layer = CrossIterationBatchNorm2d(8, window=3)
+    ref_conv, ref_layer = copy.deepcopy(conv), copy.deepcopy(layer)
+    for _ in range(4):
+        x = torch.randn(2, 4, 8, 8)
+        with torch.autocast('cpu', dtype=dtype):
+            out = layer(conv(x))
+        assert out.dtype == dtype
+        out.float().sum().backward()
+        ref = ref_layer(ref_conv(x))
+        ref.sum().backward()
+        assert (out.float() - ref).abs().max() < 0.1
+    assert layer.cbn_mu.dtype == torch.float32 and layer.cbn_dnu.dtype == torch.float32
+    assert rel(layer.cbn_dnu, ref_layer.cbn_dnu) < 0.05
+    assert rel(layer.running_var, ref_layer.running_var) < 0.02
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()

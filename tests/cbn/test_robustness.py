@@ -1,0 +1,137 @@
+"""Empty batches, non-finite inputs, several calls per step, accumulation and checkpointing."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as cp
+
+from cbn_mmdet.cbn import CrossIterationBatchNorm2d
+from tests.cbn.reference import ReferenceCBN
+
+F64 = torch.float64
+
+
+def _conv_cbn(window=3, c_in=3, c=4):
+    return nn.Conv2d(c_in, c, 3, padding=1).double(), \
+        CrossIterationBatchNorm2d(c, window=window).double()
+
+
+def test_empty_batch_does_not_touch_state():
+    conv, layer = _conv_cbn()
+    for _ in range(3):
+        layer(conv(torch.randn(2, 3, 5, 5, dtype=F64))).sum().backward()
+    state = copy.deepcopy(layer.state_dict())
+    out = layer(conv(torch.randn(0, 3, 5, 5, dtype=F64)))
+    assert out.shape == (0, 4, 5, 5)
+    out.sum().backward()
+    assert torch.isfinite(layer.weight.grad).all()
+    for k, v in layer.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+def test_non_finite_batch_never_enters_the_window():
+    conv, layer = _conv_cbn(window=3)
+    for _ in range(3):
+        layer(conv(torch.randn(2, 3, 5, 5, dtype=F64))).sum().backward()
+    bad = torch.randn(2, 3, 5, 5, dtype=F64)
+    bad[0, 0, 0, 0] = float('nan')
+    out = layer(conv(bad))
+    assert torch.isnan(out).any()  # this iteration is lost, as with BatchNorm
+    assert layer.cbn_skipped.item() == 1
+    valid = layer.cbn_valid[0] > 0
+    assert valid.tolist().count(False) == 1  # the slot it took is marked empty
+    for name in ('cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu'):
+        assert torch.isfinite(getattr(layer, name)[0][valid]).all(), name
+    assert torch.isfinite(layer.cbn_dnu[0][:, valid]).all()
+    assert torch.isfinite(layer.running_mean).all() and torch.isfinite(layer.running_var).all()
+    conv.zero_grad()
+    for _ in range(4):
+        out = layer(conv(torch.randn(2, 3, 5, 5, dtype=F64)))
+        assert torch.isfinite(out).all()
+        out.sum().backward()
+
+
+def test_shared_module_keeps_one_window_per_call_position():
+    """A head shared across two 'levels' (called twice per step): the i-th call of each step
+    pools only with the i-th calls of earlier steps, as two separate layers would."""
+    conv, shared = _conv_cbn(window=3)
+    conv_a, layer_a = copy.deepcopy(conv), copy.deepcopy(shared)
+    conv_b, layer_b = copy.deepcopy(conv), copy.deepcopy(shared)
+    for step in range(5):
+        xa = torch.randn(2, 3, 8, 8, dtype=F64)
+        xb = torch.randn(2, 3, 4, 4, dtype=F64) * 3 + 2
+        oa, ob = shared(conv(xa)), shared(conv(xb))
+        ra, rb = layer_a(conv_a(xa)), layer_b(conv_b(xb))
+        torch.testing.assert_close(oa, ra)
+        torch.testing.assert_close(ob, rb)
+        (oa.sum() + ob.sum()).backward()
+        (ra.sum()).backward()
+        rb.sum().backward()
+        with torch.no_grad():  # identical SGD step on each copy of the conv
+            for c in (conv, conv_a, conv_b):
+                c.weight -= 0.01 * (conv.weight.grad if c is conv else
+                                    conv_a.weight.grad + conv_b.weight.grad)
+            for c in (conv, conv_a, conv_b):
+                c.zero_grad()
+    assert shared.cbn_mu.shape[0] == 2 and shared.cbn_step.item() == 5
+
+
+def test_gradient_accumulation_treats_micro_batches_as_iterations():
+    """Several forward/backward passes before one optimizer step: each micro-batch is an
+    iteration of the window (the weight did not change, so nothing needs compensating)."""
+    conv, layer = _conv_cbn(window=3)
+    ref_conv = copy.deepcopy(conv)
+    gamma, beta = layer.weight.detach().clone(), layer.bias.detach().clone()
+    ref = ReferenceCBN(4, window=3)
+    for _ in range(5):
+        x = torch.randn(2, 3, 6, 6, dtype=F64)
+        out = layer(conv(x))
+        out.sum().backward()
+        torch.testing.assert_close(out, ref(ref_conv, x, gamma, beta))
+    assert layer.cbn_step.item() == 5
+
+
+def _net(window, compensate=True):
+    torch.manual_seed(4)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        CrossIterationBatchNorm2d(6, window=window, compensate=compensate), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1),
+        CrossIterationBatchNorm2d(6, window=window, compensate=compensate)).double()
+
+
+@pytest.mark.parametrize('reentrant', [True, False])
+def test_activation_checkpointing_recomputes_without_double_counting(reentrant):
+    """The recomputation in backward reuses the statistics of the original call (no second
+    window entry, same output and gradients). Inside a checkpoint the conv's input is not kept
+    (or, reentrant, there is no autograd graph), so the layer averages without compensation:
+    it matches a plain-averaging model exactly."""
+    plain, ckpt = _net(3, compensate=False), _net(3)
+    opt_p = torch.optim.SGD(plain.parameters(), lr=0.05)
+    opt_c = torch.optim.SGD(ckpt.parameters(), lr=0.05)
+    for _ in range(5):
+        x = torch.randn(2, 3, 6, 6, dtype=F64, requires_grad=True)
+        out_p = plain(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            out_c = cp.checkpoint(ckpt, x, use_reentrant=reentrant)
+        torch.testing.assert_close(out_c, out_p)
+        for o, opt in ((out_p, opt_p), (out_c, opt_c)):
+            opt.zero_grad()
+            o.square().sum().backward()
+        for a, b in zip(ckpt.parameters(), plain.parameters()):
+            torch.testing.assert_close(a.grad, b.grad)
+        opt_p.step()
+        opt_c.step()
+    for a, b in zip(ckpt.state_dict().values(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_too_many_calls_without_backward_warn_and_start_new_steps():
+    conv, layer = _conv_cbn(window=2)
+    with pytest.warns(UserWarning, match='no backward pass'):
+        for _ in range(20):
+            layer(conv(torch.randn(2, 3, 4, 4, dtype=F64)))
+    assert layer.cbn_mu.shape[0] <= 16
