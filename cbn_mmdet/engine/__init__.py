@@ -1,0 +1,6 @@
+from .checkpoint import install_checkpoint_loader, load_local_checkpoint
+from .hooks import CBNHook, burnin_iterations
+from .sync_bn_guard import CBNSyncBNError, install_sync_bn_guard
+
+__all__ = ['CBNHook', 'burnin_iterations', 'install_checkpoint_loader', 'load_local_checkpoint',
+           'CBNSyncBNError', 'install_sync_bn_guard']

@@ -1,0 +1,49 @@
+"""Loading mmengine checkpoints under torch >= 2.6 without turning off safe loading.
+
+mmengine 0.10.7 calls ``torch.load`` without ``weights_only``; torch >= 2.6 defaults to
+``weights_only=True``, and mmengine checkpoints hold a few non-tensor objects (the message
+hub's ``HistoryBuffer`` and numpy arrays), so ``--resume``, ``load_from`` and ``tools/test.py``
+fail with "Unsupported global". We replace mmengine's loader for local files by one that keeps
+``weights_only=True`` and allows exactly those types, and only while it loads.
+"""
+import torch
+
+_installed = False
+
+
+def mmengine_safe_globals() -> list:
+    """The non-tensor types found in mmengine/mmdet training checkpoints."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    globs = [HistoryBuffer, np.ndarray, np.dtype]
+    # numpy's array pickling helper moved between numpy 1.x and 2.x.
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar
+    globs += [_reconstruct, scalar]
+    # dtype classes (numpy >= 1.25 pickles dtypes by their class, e.g. Float64DType).
+    dtypes = getattr(np, 'dtypes', None)
+    if dtypes is not None:
+        globs += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith('DType')]
+    return globs
+
+
+def load_local_checkpoint(filename, map_location=None):
+    """mmengine's local-file loader with safe loading kept on and mmengine's types allowed."""
+    import os.path as osp
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'{filename} can not be found.')
+    with torch.serialization.safe_globals(mmengine_safe_globals()):
+        return torch.load(filename, map_location=map_location, weights_only=True)
+
+
+def install_checkpoint_loader():
+    """Register :func:`load_local_checkpoint` as mmengine's loader for local paths (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    from mmengine.runner.checkpoint import CheckpointLoader
+    CheckpointLoader.register_scheme(prefixes='', force=True)(load_local_checkpoint)
+    _installed = True

@@ -1,0 +1,45 @@
+"""Evaluate a checkpoint: ``python tools/test.py CONFIG CHECKPOINT [--out results.pkl] ...``.
+
+Same core options as MMDetection's tools/test.py; prints the metrics of the config's
+test_evaluator (COCO bbox/segm mAP for our configs).
+"""
+import argparse
+import os.path as osp
+
+from cbn_mmdet.engine.launch import add_common_args, build_runner, load_config
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Test (evaluate) a detector checkpoint')
+    parser.add_argument('config', help='test config file')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--out', help='dump raw predictions to this .pkl file')
+    parser.add_argument('--tta', action='store_true', help='test-time augmentation (if configured)')
+    add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args)
+    cfg.load_from = args.checkpoint
+    if args.tta:
+        if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
+            raise RuntimeError('--tta needs `tta_model` and `tta_pipeline` in the config')
+        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+        cfg.tta_model.module = cfg.model
+        cfg.model = cfg.tta_model
+    if args.out is not None:
+        if not args.out.endswith(('.pkl', '.pickle')):
+            raise ValueError('--out must be a .pkl or .pickle file')
+        cfg.test_evaluator = list(cfg.test_evaluator) if isinstance(cfg.test_evaluator, list) \
+            else [cfg.test_evaluator]
+        cfg.test_evaluator.append(dict(type='DumpDetResults', out_file_path=args.out))
+    runner = build_runner(cfg)
+    metrics = runner.test()
+    print({k: round(float(v), 4) for k, v in metrics.items()})
+    return metrics
+
+
+if __name__ == '__main__':
+    main()
