@@ -56,11 +56,12 @@ def mean_patch(x: Tensor, kernel: Tuple[int, int], stride, padding, dilation,
     return torch.matmul(torch.matmul(rows, xs), cols.t())      # (C, kh, kw)
 
 
-def weight_derivatives(rec: ConvRecord, y: Tensor) -> Tuple[Tensor, Tensor]:
+def weight_derivatives(rec: ConvRecord, y: Tensor, normalize: bool = True) -> Tuple[Tensor, Tensor]:
     """Closed-form ``d mu/dW`` per group, shape (G, K), and ``d nu/dW``, shape (C, K).
 
     ``K = C_in/groups * kh * kw``. ``d nu/dW`` is the conv's weight gradient for the output
     gradient ``2y/m``: one extra weight-gradient convolution, nothing kept alive afterwards.
+    ``normalize=False`` returns ``m`` times both (sums, which SyncCBN adds across processes).
     """
     n, c = y.shape[:2]
     m = n * y.shape[2] * y.shape[3]
@@ -70,16 +71,17 @@ def weight_derivatives(rec: ConvRecord, y: Tensor) -> Tuple[Tensor, Tensor]:
     k = w[0].numel()
     dmu = mean_patch(x, tuple(w.shape[2:]), rec.stride, rec.padding, rec.dilation,
                      tuple(y.shape[2:]))
-    dmu = dmu.reshape(groups, k) / m
+    div = m if normalize else 1
+    dmu = dmu.reshape(groups, k) / div
     # Half-precision sums over m positions can overflow: scale y by 1/sqrt(m) first.
-    scale = 1.0 if y.element_size() >= 4 else m ** -0.5
+    scale = 1.0 if y.element_size() >= 4 else max(m, 1) ** -0.5
     grad_out = y if scale == 1.0 else y * scale
     if grad_out.dtype != x.dtype:
         grad_out = grad_out.to(x.dtype)
     dnu = torch.ops.aten.convolution_backward(
         grad_out, x, w, None, list(rec.stride), list(rec.padding), list(rec.dilation),
         False, [0, 0], groups, [False, True, False])[1]
-    dnu = dnu.reshape(c, k).to(dt) * (2.0 / (m * scale))
+    dnu = dnu.reshape(c, k).to(dt) * (2.0 / (div * scale))
     return dmu, dnu
 
 
@@ -152,6 +154,8 @@ class CountNormalize(torch.autograd.Function):
         if y.is_cuda:
             sum_dy, sum_dy_xmu, grad_w, grad_b = torch.batch_norm_backward_reduce(
                 g, y, mean, invstd, weight, need_x, need_w, need_b)
+        elif y.numel() == 0:  # (SyncCBN, empty local batch) the CPU kernel cannot take it
+            sum_dy = sum_dy_xmu = grad_w = grad_b = mean.new_zeros(mean.shape)
         else:
             var = invstd.pow(-2)
             _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(

@@ -229,54 +229,73 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._check_input_dim(y)
         if not self.training:
             return super().forward(y)  # running statistics: exactly BatchNorm2d
-        if y.numel() == 0:
+        collective = self._collective()
+        if y.numel() == 0 and not collective:
             return self._empty(y)
         if torch._C._current_graph_task_id() != -1:
             return self._recompute(y)  # activation checkpointing reruns the forward in backward
         rec, why = find_producing_conv(y)
-        w_param = rec.weight if rec is not None else None
-        stream = self._begin_call(y, w_param)
-        if self.window == 1 or self._step - 1 < self.burnin:
-            self._replay.append(('bn', None))
-            out = super().forward(y)
+        stream = self._begin_call(y, rec.weight if rec is not None else None)
+        use_window = self.window > 1 and self._step - 1 >= self.burnin
+        if not use_window and not collective:
+            self._replay.append(None)
+            out = super().forward(y)  # burn-in and window=1: BatchNorm2d exactly
             self._watch_backward(out)
             return out
-        return self._cbn_forward(y, stream, rec, why)
+        return self._cbn_forward(y, stream if use_window else None, rec, why)
 
-    def _cbn_forward(self, y, stream, rec, why):
-        c = self.num_features
-        m = y.numel() // c
-        if rec is None and why != 'no-graph' and not self._warned:
-            self._warned = True
-            warnings.warn(f'{self._name()}: its input comes from {why}, not from a 2-d conv; '
-                          'stored statistics are averaged without weight compensation.')
-        w = None
-        if self.compensate and rec is not None and rec.weight is not None:
-            if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
-                w = rec.weight.detach().reshape(c, -1)
-            elif not self._warned:
-                # Under saved-tensor hooks (non-reentrant activation checkpointing) reading the
-                # conv's saved input would trigger its recomputation or break the checkpoint.
+    # Hooks for SyncCBN: batch statistics over all processes, and the matching backward.
+    def _collective(self) -> bool:
+        return False
+
+    def _moments(self, y: Tensor, rec, w):
+        """This iteration's (mu, nu), their weight derivatives (or None) and element count."""
+        return (*batch_moments(y), weight_derivatives(rec, y) if w is not None else None,
+                y.numel() // self.num_features)
+
+    def _grad_reducer(self):
+        return None
+
+    def _compensation_weight(self, rec):
+        """The current conv weight as (C, K) when this call can compensate, else None."""
+        if not (self.compensate and rec is not None and rec.weight is not None):
+            return None
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            # Under saved-tensor hooks (activation checkpointing) reading the conv's saved input
+            # would trigger its recomputation or break the checkpoint.
+            if not self._warned:
                 self._warned = True
                 warnings.warn(f'{self._name()} runs under saved-tensor hooks (activation '
                               'checkpointing); stored statistics are averaged without weight '
                               'compensation there.')
+            return None
+        return rec.weight.detach().reshape(self.num_features, -1)
+
+    def _cbn_forward(self, y, stream, rec, why):
+        """Window forward; ``stream`` None means no window (SyncCBN's burn-in: synchronized BN)."""
+        if rec is None and why != 'no-graph' and not self._warned:
+            self._warned = True
+            warnings.warn(f'{self._name()}: its input comes from {why}, not from a 2-d conv; '
+                          'stored statistics are averaged without weight compensation.')
+        w = self._compensation_weight(rec) if stream is not None else None
         with torch.no_grad():
-            mu, nu = batch_moments(y)
-            self._ensure_stream(stream, c, mu.dtype, mu.device)
-            sums = self._window_sums(stream, w)
+            mu, nu, derivs, m = self._moments(y, rec, w)
+            sums = None
+            if stream is not None:
+                self._ensure_stream(stream, self.num_features, mu.dtype, mu.device)
+                sums = self._window_sums(stream, w)
             mean, var, n = aggregate(mu, nu, sums)
             invstd = (var + self.eps).rsqrt()
             count = n.to(torch.float64) * m
-            self._replay.append(('cbn', sums))
+            self._replay.append(sums)
             ok = torch.isfinite(mu).all() & torch.isfinite(nu).all()
             self.cbn_skipped.add_((~ok).long())
-            h = self._push_stats(stream, mu, nu, ok)
+            if stream is not None:
+                h = self._push_stats(stream, mu, nu, ok)
+                self._store_derivatives(stream, h, derivs, w)
             self._update_running(mean, var, count, ok)
-        out = CountNormalize.apply(y, self.weight, self.bias, mean, invstd, count)
-        with torch.no_grad():
-            self._store_derivatives(stream, h, weight_derivatives(rec, y) if w is not None else None,
-                                    w)
+        out = CountNormalize.apply(y, self.weight, self.bias, mean, invstd, count,
+                                   self._grad_reducer())
         self._watch_backward(out)
         return out
 
@@ -304,16 +323,17 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 f'{self._name()} is being recomputed (activation checkpointing) but was called '
                 f'{len(self._replay)} times in this step; CBN supports checkpointing of layers '
                 'called once per step.')
-        kind, sums = self._replay[0]
-        if kind == 'bn':  # plain BN step: batch statistics, running statistics untouched
+        sums = self._replay[0]
+        if sums is None and not self._collective():  # a BN step: batch statistics only
             out = F.batch_norm(y, None, None, self.weight, self.bias, True, 0.0, self.eps)
         else:
             with torch.no_grad():
-                mu, nu = batch_moments(y)
+                mu, nu, _, m = self._moments(y, None, None)
                 mean, var, n = aggregate(mu, nu, sums)
                 invstd = (var + self.eps).rsqrt()
-                count = n.to(torch.float64) * (y.numel() // self.num_features)
-            out = CountNormalize.apply(y, self.weight, self.bias, mean, invstd, count)
+                count = n.to(torch.float64) * m
+            out = CountNormalize.apply(y, self.weight, self.bias, mean, invstd, count,
+                                       self._grad_reducer())
         self._watch_backward(out)
         return out
 

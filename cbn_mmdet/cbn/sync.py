@@ -1,0 +1,65 @@
+"""Synchronized Cross-Iteration BN: each iteration's statistics over all processes."""
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .functional import stats_dtype, weight_derivatives
+from .layer import CrossIterationBatchNorm2d
+
+_DIMS = (0, 2, 3)
+
+
+class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
+    """CBN whose per-iteration moments and weight derivatives are averaged over the processes of
+    ``process_group`` (weighted by each process's element count, so unequal and empty per-process
+    batches are right), then pooled over the window identically on every process.
+
+    Without an initialized process group of 2+ processes it is exactly
+    :class:`CrossIterationBatchNorm2d`. During burn-in (and with ``window=1``) it is SyncBN.
+    Every process must call the layer the same number of times per step, as with SyncBN.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, window: int = 4,
+                 burnin: int = 0, compensate: bool = True, process_group=None, device=None,
+                 dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, window,
+                         burnin, compensate, device, dtype)
+        self.process_group = process_group
+
+    def _collective(self) -> bool:
+        return (dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1)
+
+    def _moments(self, y, rec, w):
+        """All-reduce of the sums behind (mu, nu, d mu/dW, d nu/dW) and the element count."""
+        if not self._collective():
+            return super()._moments(y, rec, w)
+        c = self.num_features
+        m = y.numel() // c
+        ys = y.to(stats_dtype(y.dtype))
+        parts = [ys.new_full((1,), float(m)), ys.sum(_DIMS), (ys * ys).sum(_DIMS)]
+        if w is not None:
+            dmu, dnu = weight_derivatives(rec, y, normalize=False)
+            parts += [dmu.reshape(-1), dnu.reshape(-1)]
+        flat = torch.cat(parts)
+        dist.all_reduce(flat, group=self.process_group)
+        total = flat[0]
+        mu, nu = flat[1:1 + c] / total, flat[1 + c:1 + 2 * c] / total
+        derivs = None
+        if w is not None:
+            rest = flat[1 + 2 * c:] / total
+            derivs = (rest[:dmu.numel()].view_as(dmu), rest[dmu.numel():].view_as(dnu))
+        return mu, nu, derivs, total
+
+    def _grad_reducer(self):
+        if not self._collective():
+            return None
+        group = self.process_group
+
+        def all_reduce(sum_dy, sum_dy_xmu):
+            flat = torch.cat([sum_dy, sum_dy_xmu])
+            dist.all_reduce(flat, group=group)
+            return flat[:sum_dy.numel()], flat[sum_dy.numel():]
+        return all_reduce

@@ -1,0 +1,92 @@
+"""SyncCBN over 2 processes (gloo, CPU) equals single-process CBN on the whole batch."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from cbn_mmdet.cbn import CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d
+
+# Per step: how the 4 images of the batch are split between rank 0 and rank 1.
+SPLITS = [(2, 2), (3, 1), (4, 0), (1, 3), (2, 2), (0, 4)]
+LR = 0.1
+
+
+def _data(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64), \
+        torch.randn(4, 6, 8, 8, generator=g, dtype=torch.float64)
+
+
+def _model(norm_cls):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), norm_cls(6, window=3)).double()
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = nn.parallel.DistributedDataParallel(_model(SyncCrossIterationBatchNorm2d))
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    records = []
+    for step, split in enumerate(SPLITS):
+        x, target = _data(step)
+        lo = 0 if rank == 0 else split[0]
+        hi = split[0] if rank == 0 else 4
+        xr = x[lo:hi].clone().requires_grad_()
+        out = model(xr)
+        opt.zero_grad()
+        (out * target[lo:hi]).sum().backward()  # DDP averages the weight gradients
+        records.append(dict(out=out.detach(), xgrad=xr.grad,
+                            grads=[p.grad.clone() for p in model.parameters()]))
+        opt.step()
+    torch.save(dict(records=records, state=model.module.state_dict()),
+               os.path.join(out_dir, f'rank{rank}.pt'))
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_sync_cbn_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
+
+    model = _model(CrossIterationBatchNorm2d)
+    opt = torch.optim.SGD(model.parameters(), lr=LR / 2)  # DDP's average is half the sum
+    for step, split in enumerate(SPLITS):
+        x, target = _data(step)
+        x = x.clone().requires_grad_()
+        out = model(x)
+        opt.zero_grad()
+        (out * target).sum().backward()
+        r0, r1 = ranks[0]['records'][step], ranks[1]['records'][step]
+        torch.testing.assert_close(torch.cat([r0['out'], r1['out']]), out.detach())
+        torch.testing.assert_close(torch.cat([r0['xgrad'], r1['xgrad']]), x.grad)
+        for g0, g1, p in zip(r0['grads'], r1['grads'], model.parameters()):
+            torch.testing.assert_close(g0, g1)  # DDP: the same averaged gradient on each rank
+            torch.testing.assert_close(2 * g0, p.grad)
+        opt.step()
+    # every rank ends with the same window as the single process
+    for key, value in model[1].state_dict().items():
+        torch.testing.assert_close(ranks[0]['state'][f'1.{key}'], value)
+        torch.testing.assert_close(ranks[1]['state'][f'1.{key}'], value)
+
+
+def test_sync_cbn_without_process_group_is_cbn():
+    a, b = _model(CrossIterationBatchNorm2d), _model(SyncCrossIterationBatchNorm2d)
+    for step in range(4):
+        x, target = _data(step)
+        for m in (a, b):
+            (m(x) * target).sum().backward()
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb
+        torch.testing.assert_close(va, vb)
