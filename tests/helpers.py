@@ -39,3 +39,35 @@ def run_tool(args, env=None, timeout=900):
     if proc.returncode != 0:
         raise AssertionError(f'{args} exited {proc.returncode}:\n{proc.stdout[-6000:]}')
     return proc.stdout
+
+
+def digits_config(config, data_root, out_path, with_mask, batch_size=2, extra=None):
+    """Write ``config`` with its data settings replaced by the digits dataset at ``data_root``
+    (10 classes, no pretrained download), for short end-to-end runs on CPU. Returns the path."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(osp.join(ROOT, config))
+    data = Config.fromfile(osp.join(ROOT, 'configs/_base_/datasets/digits_instance.py'))
+    root = data_root.rstrip('/') + '/'
+    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        loader = data[key]
+        loader.dataset.data_root = root
+        loader.num_workers = 0
+        loader.persistent_workers = False
+        cfg[key] = loader
+    cfg.train_dataloader.batch_size = batch_size
+    for key in ('val_evaluator', 'test_evaluator'):
+        ev = data[key]
+        ev.ann_file = root + 'annotations/instances_val.json'
+        ev.metric = ['bbox', 'segm'] if with_mask else ['bbox']
+        cfg[key] = ev
+    cfg.model.backbone.init_cfg = None
+    cfg.model.roi_head.bbox_head.num_classes = 10
+    if with_mask:
+        cfg.model.roi_head.mask_head.num_classes = 10
+    cfg.train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=1, val_interval=100)
+    cfg.default_hooks.logger.interval = 1
+    cfg.default_hooks.checkpoint.interval = 1
+    if extra:
+        cfg.merge_from_dict(extra)
+    cfg.dump(out_path)
+    return out_path

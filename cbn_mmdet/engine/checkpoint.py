@@ -2,20 +2,33 @@
 
 mmengine 0.10.7 calls ``torch.load`` without ``weights_only``; torch >= 2.6 defaults to
 ``weights_only=True``, and mmengine checkpoints hold a few non-tensor objects (the message
-hub's ``HistoryBuffer`` and numpy arrays), so ``--resume``, ``load_from`` and ``tools/test.py``
+hub's ``HistoryBuffer``, its statistics methods, and numpy arrays), so ``--resume``, ``load_from`` and ``tools/test.py``
 fail with "Unsupported global". We replace mmengine's loader for local files by one that keeps
 ``weights_only=True`` and allows exactly those types, and only while it loads.
 """
+import pickle
+
 import torch
 
 _installed = False
+
+
+def _history_buffer_method(obj, name):
+    """Stands in for ``getattr`` while unpickling: mmengine's message hub pickles
+    ``HistoryBuffer``'s statistics methods as ``getattr(HistoryBuffer, 'mean')``; nothing else
+    may be looked up."""
+    from mmengine.logging import HistoryBuffer
+    allowed = {'min', 'max', 'current', 'mean'} | set(HistoryBuffer._statistics_methods)
+    if obj is not HistoryBuffer or name not in allowed:
+        raise pickle.UnpicklingError(f'refusing getattr({obj!r}, {name!r}) in a checkpoint')
+    return getattr(obj, name)
 
 
 def mmengine_safe_globals() -> list:
     """The non-tensor types found in mmengine/mmdet training checkpoints."""
     import numpy as np
     from mmengine.logging import HistoryBuffer
-    globs = [HistoryBuffer, np.ndarray, np.dtype]
+    globs = [HistoryBuffer, np.ndarray, np.dtype, (_history_buffer_method, 'builtins.getattr')]
     # numpy's array pickling helper moved between numpy 1.x and 2.x.
     try:
         from numpy._core.multiarray import _reconstruct, scalar

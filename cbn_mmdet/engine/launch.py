@@ -30,7 +30,28 @@ def load_config(args) -> Config:
     return cfg
 
 
+def _init_cpu_distributed(cfg) -> None:
+    """torchrun on a machine without CUDA: mmengine would call torch.cuda.set_device, use nccl
+    and give DDP a GPU id. Start the process group with gloo ourselves (mmengine then uses it as
+    is) and wrap the model in DDP without device ids."""
+    import torch
+    import torch.distributed as dist
+    if cfg.launcher != 'pytorch' or torch.cuda.is_available() or dist.is_initialized():
+        return
+    backend = cfg.get('env_cfg', {}).get('dist_cfg', {}).get('backend', 'nccl')
+    if backend != 'gloo':
+        print(f'[cbn_mmdet] no CUDA device: using the gloo backend instead of {backend!r}',
+              flush=True)
+        cfg.env_cfg.dist_cfg.backend = 'gloo'
+    dist.init_process_group('gloo')
+    if cfg.get('model_wrapper_cfg') is None:
+        cfg.model_wrapper_cfg = dict(
+            type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False))
+
+
 def build_runner(cfg):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
+    _init_cpu_distributed(cfg)
     return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)

@@ -36,7 +36,7 @@ model = dict(
         mask_head=dict(in_channels=64, conv_out_channels=64, num_classes=10, norm_cfg=cbn)),
     train_cfg=dict(
         rpn_proposal=dict(nms_pre=1000, max_per_img=300),
-        rcnn=dict(sampler=dict(num=128))),
+        rcnn=dict(sampler=dict(num=64))),
     test_cfg=dict(
         rpn=dict(nms_pre=300, max_per_img=100),
         rcnn=dict(max_per_img=20)))

@@ -27,8 +27,8 @@ def test_train_resume_and_test_checkpoint(tiny_data, tmp_path):
     # The checkpoint holds the CBN windows and loads with torch's safe loading (weights_only).
     from cbn_mmdet.engine.checkpoint import load_local_checkpoint
     state = load_local_checkpoint(ckpt1)['state_dict']
-    assert state['neck.fpn_convs.0.conv.bn.cbn_dnu'].dim() == 4
-    assert state['neck.fpn_convs.0.conv.bn.cbn_step'].item() == 4  # 16 images / batch 4
+    assert state['neck.fpn_convs.0.bn.cbn_dnu'].dim() == 4
+    assert state['neck.fpn_convs.0.bn.cbn_step'].item() == 4  # 16 images / batch 4
     with pytest.raises(Exception):  # what mmengine alone would do under torch >= 2.6
         torch.load(ckpt1)
 
@@ -37,7 +37,7 @@ def test_train_resume_and_test_checkpoint(tiny_data, tmp_path):
     assert 'resumed epoch: 1, iter: 4' in out
     assert osp.isfile(osp.join(work, 'epoch_2.pth'))
     resumed = load_local_checkpoint(osp.join(work, 'epoch_2.pth'))['state_dict']
-    assert resumed['neck.fpn_convs.0.conv.bn.cbn_step'].item() == 8
+    assert resumed['neck.fpn_convs.0.bn.cbn_step'].item() == 8
 
     out = run_tool(['tools/test.py', QUICKSTART, osp.join(work, 'epoch_2.pth'),
                     '--work-dir', str(tmp_path / 'test'), '--cfg-options'] + opts)

@@ -1,0 +1,7 @@
+# Small-batch regime (not a row of the paper's COCO table): as
+# faster-rcnn_r50_fpn_cbn-all_4xb4-1x_coco.py with 1 image per GPU on 4 GPUs; learning rate scaled
+# linearly (16 images at 0.02 -> 4 images at 0.005).
+_base_ = './faster-rcnn_r50_fpn_cbn-all_4xb4-1x_coco.py'
+
+train_dataloader = dict(batch_size=1)
+optim_wrapper = dict(optimizer=dict(lr=0.005))
