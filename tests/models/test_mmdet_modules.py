@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from mmengine.config import Config
+from mmengine.hub import get_config
 from mmengine.registry import init_default_scope
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -124,7 +124,7 @@ def test_stock_detector_with_cbn_in_fpn_and_heads_trains(detector):
     from mmdet.registry import MODELS
     base = {'faster-rcnn': 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
             'mask-rcnn': 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'}[detector]
-    cfg = Config.fromfile(base)
+    cfg = get_config(base)  # mmdet's own packaged config
     model_cfg = cfg.model
     model_cfg.backbone.init_cfg = None
     model_cfg.backbone.depth = 18
