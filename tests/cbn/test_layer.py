@@ -291,7 +291,7 @@ def test_wrong_input_rank_is_rejected():
         CrossIterationBatchNorm2d(3)(torch.randn(2, 3, 4))
 
 
-@pytest.mark.parametrize('dtype', [torch.bfloat16])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_cpu_autocast_keeps_float32_statistics(dtype):
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 8, 3, padding=1)
