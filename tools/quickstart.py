@@ -18,14 +18,15 @@ CONFIG = 'configs/quickstart/mask-rcnn_r18-w32_fpn_cbn_1xb8-8e_digits.py'
 
 
 def run(cmd):
+    """Run a tool, echoing its output (mmengine's progress log) live; return its lines."""
     print('+', ' '.join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
     lines = []
-    for line in proc.stdout.splitlines():
-        lines.append(line)
-        if not line.startswith('WARNING: Location'):  # pip-config noise from some machines
-            print(line, flush=True)
-    if proc.returncode:
+    for line in proc.stdout:
+        lines.append(line.rstrip('\n'))
+        print(line, end='', flush=True)
+    if proc.wait():
         sys.exit(f'quickstart: {cmd[1]} failed with exit code {proc.returncode}')
     return lines
 

@@ -81,6 +81,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.register_buffer('cbn_step', torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer('cbn_skipped', torch.zeros((), dtype=torch.long, device=device))
         self.layer_name: Optional[str] = None  # set by cbn_mmdet.name_cbn_layers, used in warnings
+        self.probe: Optional[dict] = None  # a dict to fill with this step's estimates (studies)
         self._reset_host_state()
 
     def extra_repr(self):
@@ -288,6 +289,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             invstd = (var + self.eps).rsqrt()
             count = n.to(torch.float64) * m
             self._replay.append(sums)
+            if self.probe is not None and stream == 0:
+                self._record_probe(mu, nu, mean, var, stream if sums is not None else None)
             ok = torch.isfinite(mu).all() & torch.isfinite(nu).all()
             self.cbn_skipped.add_((~ok).long())
             if stream is not None:
@@ -298,6 +301,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                    self._grad_reducer())
         self._watch_backward(out)
         return out
+
+    def _record_probe(self, mu, nu, mean, var, stream):
+        """For statistics studies: the mean/var that BN (this batch), plain averaging of the
+        window and CBN would normalize with at this call (before this batch is stored)."""
+        plain = aggregate(mu, nu, self._window_sums(stream, None) if stream is not None else None)
+        self.probe.update(
+            batch=(mu.clone(), (nu - mu * mu).clamp_min(0)), plain=(plain[0].clone(), plain[1].clone()),
+            cbn=(mean.clone(), var.clone()), step=self._step)
 
     def _update_running(self, mean, var, count, ok):
         """Running statistics follow the window's mean and (unbiased) variance: the statistics the
