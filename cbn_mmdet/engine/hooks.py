@@ -54,3 +54,29 @@ class CBNHook(Hook):
         windows = sorted({m.window for m in layers})
         msg += f'; window {windows}; steps already seen by the first layer: {layers[0]._step}'
         runner.logger.info(msg)
+
+
+@HOOKS.register_module()
+class SeedPerIterationHook(Hook):
+    """Reseed python, numpy and torch before every training iteration from (seed, iteration).
+
+    mmengine does not save random states in checkpoints, so after ``--resume`` the RPN/RoI
+    samplers draw different numbers than an uninterrupted run. With this hook a resumed run
+    repeats the uninterrupted one (with ``randomness.deterministic=True`` and a fixed thread
+    count), which is how the resume tests compare losses.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        import random
+
+        import numpy as np
+        import torch
+        s = (self.seed * 1_000_003 + runner.iter) % 2 ** 31
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
