@@ -42,6 +42,8 @@ def plot(rows, path):
     for ax, key, title in zip(axes, ('bbox_mAP', 'segm_mAP'), ('box mAP', 'mask mAP')):
         for i, norm in enumerate(NORMS):
             vals = [r[key] for r in rows if r['norm'] == norm]
+            if not vals:
+                continue
             ax.bar(i, np.mean(vals), color=f'C{i}', alpha=0.6)
             ax.scatter([i] * len(vals), vals, color='k', s=12, zorder=3)
         ax.set_xticks(range(len(NORMS)), [n.upper() for n in NORMS])
@@ -57,22 +59,30 @@ def main(argv=None):
     p.add_argument('--out', default='results/digits_detection')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
     p.add_argument('--norms', nargs='+', default=list(NORMS))
+    p.add_argument('--cbn-burnin-epochs', type=float, default=None,
+                   help="override the CBN config's burn-in (0.5 epoch)")
     a = p.parse_args(argv)
     os.makedirs(os.path.join(ROOT, a.out), exist_ok=True)
     subprocess.run([sys.executable, 'tools/make_digits_coco.py'], cwd=ROOT, check=True)
     rows = []
     for seed in a.seeds:
         for norm in a.norms:
-            work = os.path.join('work_dirs', 'study_detection', f'{norm}_seed{seed}')
+            tag = f'{norm}_seed{seed}'
+            opts = [f'randomness.seed={seed}']
+            if norm == 'cbn' and a.cbn_burnin_epochs is not None:
+                tag += f'_burnin{a.cbn_burnin_epochs:g}'
+                opts.append(f'custom_hooks.0.burnin_epochs={a.cbn_burnin_epochs}')
+            work = os.path.join('work_dirs', 'study_detection', tag)
             t = time.time()
             proc = subprocess.run(
                 [sys.executable, 'tools/train.py', CONFIG.format(norm), '--work-dir', work,
-                 '--cfg-options', f'randomness.seed={seed}'],
+                 '--cfg-options'] + opts,
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             if proc.returncode:
                 sys.exit(f'{norm} seed {seed} failed:\n{proc.stdout[-4000:]}')
             m = final_metrics(os.path.join(ROOT, work))
-            rows.append(dict(norm=norm, seed=seed, bbox_mAP=m['coco/bbox_mAP'],
+            rows.append(dict(norm=norm, seed=seed, cbn_burnin_epochs=a.cbn_burnin_epochs
+                             if norm == 'cbn' else None, bbox_mAP=m['coco/bbox_mAP'],
                              bbox_mAP_50=m['coco/bbox_mAP_50'], segm_mAP=m['coco/segm_mAP'],
                              segm_mAP_50=m['coco/segm_mAP_50'], minutes=(time.time() - t) / 60))
             print(rows[-1], flush=True)
