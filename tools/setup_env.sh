@@ -56,7 +56,7 @@ else
     if [ -z "$WHEEL" ]; then
         BUILD_DIR=$(mktemp -d)
         trap 'rm -rf "$BUILD_DIR"' EXIT
-        say "building mmcv $MMCV_VERSION with ops (FORCE_CUDA=${FORCE_CUDA:-0}); ~16 min on 2 cores, once"
+        say "building mmcv $MMCV_VERSION with ops (FORCE_CUDA=${FORCE_CUDA:-0}); about 9 minutes on 2 cores, once per machine"
         # No build isolation: an isolated build env has no torch and silently skips the ops.
         "${PIP[@]}" download -q --no-deps --no-binary :all: --no-build-isolation \
             -d "$BUILD_DIR" "mmcv==$MMCV_VERSION"
