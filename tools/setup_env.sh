@@ -79,11 +79,12 @@ fi
 # 3. The rest of the stack, pytest and this package (editable).
 say "installing requirements.txt and cbn_mmdet (editable)"
 "${PIP[@]}" install -q -r "$ROOT/requirements.txt"
-if [ "$("$PY" -c 'import cbn_mmdet, os; print(os.path.dirname(os.path.dirname(os.path.abspath(cbn_mmdet.__file__))))' 2>/dev/null)" != "$ROOT" ]; then
+# (checked from / so that the repo's own folder on sys.path does not count as installed)
+if [ "$(cd / && "$PY" -c 'import cbn_mmdet, os; print(os.path.dirname(os.path.dirname(os.path.abspath(cbn_mmdet.__file__))))' 2>/dev/null)" != "$ROOT" ]; then
     "${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
 fi
 
 # 4. Fail loudly if the ops did not make it.
 mmcv_ok || die "mmcv.ops does not import: mmcv $MMCV_VERSION was installed without its compiled ops"
-"$PY" -c "import cbn_mmdet, mmdet; print('[setup] ok: mmdet', mmdet.__version__, '| cbn_mmdet', cbn_mmdet.__version__)" \
-    || die "cbn_mmdet does not import"
+(cd / && "$PY" -c "import cbn_mmdet, mmdet; print('[setup] ok: mmdet', mmdet.__version__, '| cbn_mmdet', cbn_mmdet.__version__)") \
+    || die "cbn_mmdet does not import from outside the repo (editable install missing)"
