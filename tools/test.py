@@ -4,7 +4,6 @@ Same core options as MMDetection's tools/test.py; prints the metrics of the conf
 test_evaluator (COCO bbox/segm mAP for our configs).
 """
 import argparse
-import os.path as osp
 
 from cbn_mmdet.engine.launch import add_common_args, build_runner, load_config
 

@@ -1,6 +1,5 @@
 """The embedded digits dataset: deterministic, valid COCO, masks inside boxes, no-op reruns."""
 import hashlib
-import json
 import os
 import os.path as osp
 
@@ -23,7 +22,7 @@ def _digest(root):
 def test_deterministic_and_seed_dependent(tmp_path):
     a = generate(str(tmp_path / 'a'), seed=3, num_train=6, num_val=3)
     b = generate(str(tmp_path / 'b'), seed=3, num_train=6, num_val=3)
-    c = generate(str(tmp_path / 'c'), seed=4, num_train=6, num_val=3)
+    generate(str(tmp_path / 'c'), seed=4, num_train=6, num_val=3)
     assert a == b
     assert _digest(tmp_path / 'a') == _digest(tmp_path / 'b') != _digest(tmp_path / 'c')
 

@@ -1,5 +1,4 @@
 """CBNHook's burn-in conversion, the sync_bn guard and the checkpoint loader's allowlist."""
-import io
 import logging
 
 import pytest
