@@ -31,13 +31,24 @@ def load_config(args) -> Config:
 
 
 def _init_cpu_distributed(cfg) -> None:
-    """torchrun on a machine without CUDA: mmengine would call torch.cuda.set_device, use nccl
-    and give DDP a GPU id. Start the process group with gloo ourselves (mmengine then uses it as
-    is) and wrap the model in DDP without device ids."""
+    """A distributed launch (torchrun or Slurm) on a machine without CUDA: mmengine would call
+    torch.cuda.set_device, use nccl and give DDP a GPU id. Start the process group with gloo
+    ourselves (mmengine then uses it as is) and wrap the model in DDP without device ids."""
+    import os
+    import subprocess
+
     import torch
     import torch.distributed as dist
-    if cfg.launcher != 'pytorch' or torch.cuda.is_available() or dist.is_initialized():
+    if cfg.launcher not in ('pytorch', 'slurm') or torch.cuda.is_available() \
+            or dist.is_initialized():
         return
+    if cfg.launcher == 'slurm':  # what mmengine's slurm init derives, minus the GPU
+        os.environ.setdefault('MASTER_ADDR', subprocess.getoutput(
+            f"scontrol show hostname {os.environ['SLURM_NODELIST']} | head -n1"))
+        os.environ.setdefault('MASTER_PORT', '29500')
+        os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
+        os.environ['RANK'] = os.environ['SLURM_PROCID']
+        os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
     backend = cfg.get('env_cfg', {}).get('dist_cfg', {}).get('backend', 'nccl')
     if backend != 'gloo':
         print(f'[cbn_mmdet] no CUDA device: using the gloo backend instead of {backend!r}',

@@ -19,9 +19,10 @@ def _port():
         return str(s.getsockname()[1])
 
 
-def _sh(args):
+def _sh(args, path=None, extra_env=None):
     env = dict(PYTHON=sys.executable, PORT=_port(), OMP_NUM_THREADS='1',
-               PATH='/usr/bin:/bin', HOME=osp.expanduser('~'))
+               PATH=(path + ':' if path else '') + '/usr/bin:/bin', HOME=osp.expanduser('~'),
+               **(extra_env or {}))
     proc = subprocess.run(['bash'] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:]
@@ -53,3 +54,22 @@ def test_dist_train_resume_and_dist_test(tmp_path):
                '--work-dir', str(tmp_path / 'test'), '--cfg-options'] + opts)
     metrics = ast.literal_eval(out.strip().splitlines()[-1])
     assert 0.0 <= metrics['coco/bbox_mAP'] <= 1.0 and 0.0 <= metrics['coco/segm_mAP'] <= 1.0
+
+
+def test_slurm_scripts_with_a_stand_in_srun(tmp_path):
+    """tools/slurm_train.sh and slurm_test.sh as written, with tests/fixtures/fake_slurm/srun
+    standing in for Slurm (2 tasks on this machine, gloo on CPU)."""
+    data = make_tiny_digits(str(tmp_path / 'digits'), num_train=8, num_val=4)
+    work = str(tmp_path / 'work')
+    opts = digits_options(data, batch_size=2) + ['train_cfg.val_interval=10']
+    fake = osp.join(ROOT, 'tests', 'fixtures', 'fake_slurm')
+    env = dict(GPUS='2', GPUS_PER_NODE='2', MASTER_PORT=_port())
+    out = _sh(['tools/slurm_train.sh', 'partition', 'cbn-test', QUICKSTART, work,
+               '--cfg-options', 'train_cfg.max_epochs=1'] + opts, path=fake, extra_env=env)
+    assert 'burn-in 1 epochs = 2 iterations (2 iterations per epoch on each of 2 processes)' in out
+    assert osp.isfile(osp.join(work, 'epoch_1.pth'))
+    env['MASTER_PORT'] = _port()
+    out = _sh(['tools/slurm_test.sh', 'partition', 'cbn-test', QUICKSTART,
+               osp.join(work, 'epoch_1.pth'), '--work-dir', str(tmp_path / 'test'),
+               '--cfg-options'] + opts, path=fake, extra_env=env)
+    assert "'coco/bbox_mAP'" in out
