@@ -5,7 +5,7 @@ test_evaluator (COCO bbox/segm mAP for our configs).
 """
 import argparse
 
-from cbn_mmdet.engine.launch import add_common_args, build_runner, load_config
+from cbn_mmdet.engine.launch import add_common_args, build_runner, load_config, shutdown
 
 
 def parse_args(argv=None):
@@ -36,7 +36,11 @@ def main(argv=None):
         cfg.test_evaluator.append(dict(type='DumpDetResults', out_file_path=args.out))
     runner = build_runner(cfg)
     metrics = runner.test()
-    print({k: round(float(v), 4) for k, v in metrics.items()})
+    from mmengine.dist import is_main_process
+    main_process = is_main_process()
+    shutdown()
+    if main_process:  # one summary line, also under dist_test.sh
+        print({k: round(float(v), 4) for k, v in metrics.items()}, flush=True)
     return metrics
 
 

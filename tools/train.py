@@ -5,7 +5,7 @@ config that lists ``cbn_mmdet`` in ``custom_imports``.
 """
 import argparse
 
-from cbn_mmdet.engine.launch import add_common_args, build_runner, load_config
+from cbn_mmdet.engine.launch import add_common_args, build_runner, load_config, shutdown
 
 
 def parse_args(argv=None):
@@ -43,6 +43,7 @@ def main(argv=None):
     cfg = apply_train_args(load_config(args), args)
     runner = build_runner(cfg)
     runner.train()
+    shutdown()
 
 
 if __name__ == '__main__':

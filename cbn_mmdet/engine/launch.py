@@ -66,3 +66,12 @@ def build_runner(cfg):
     from mmengine.runner import Runner
     _init_cpu_distributed(cfg)
     return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+
+
+def shutdown() -> None:
+    """Destroy the process group before exit: a gloo group still alive at interpreter exit can
+    abort the process ("terminate called without an active exception") after a good run."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
