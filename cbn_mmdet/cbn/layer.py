@@ -156,24 +156,24 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     # ------------------------------------------------------------------ window storage
     def _ensure_stream(self, stream: int, c: int, dtype, device):
+        """Grow the window buffers (zero-filled) so that ``stream`` has its slots."""
+        have = self.cbn_mu.shape[0] if self.cbn_mu.dim() == 3 else 0
+        grow = stream + 1 - have
+        if grow <= 0:
+            return
         e = self.window - 1
-        while self.cbn_mu.dim() != 3 or self.cbn_mu.shape[0] <= stream:
-            s = self.cbn_mu.shape[0] if self.cbn_mu.dim() == 3 else 0
-            grow = stream + 1 - s
-            kw = dict(dtype=dtype, device=device)
 
-            def cat(buf, shape, **k):
-                new = torch.zeros(shape, **(k or kw))
-                return new if s == 0 else torch.cat([buf, new])
-            for name in ('cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu'):
-                setattr(self, name, cat(getattr(self, name), (grow, e, c)))
-            self.cbn_valid = cat(self.cbn_valid, (grow, e))
-            self.cbn_head = cat(self.cbn_head, (grow,), dtype=torch.long, device=device)
-            if self.cbn_dnu.dim() == 4:
-                _, _, _, k = self.cbn_dnu.shape
-                self.cbn_dmu = cat(self.cbn_dmu, (grow,) + tuple(self.cbn_dmu.shape[1:]))
-                self.cbn_dnu = cat(self.cbn_dnu, (grow, c, e, k))
-            self._heads += [0] * grow
+        def grown(buf, tail, dt=dtype):
+            new = torch.zeros((grow,) + tuple(tail), dtype=dt, device=device)
+            return torch.cat([buf, new]) if have else new
+        for name in ('cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu'):
+            setattr(self, name, grown(getattr(self, name), (e, c)))
+        self.cbn_valid = grown(self.cbn_valid, (e,))
+        self.cbn_head = grown(self.cbn_head, (), torch.long)
+        if self.cbn_dnu.dim() == 4:
+            self.cbn_dmu = grown(self.cbn_dmu, self.cbn_dmu.shape[1:])
+            self.cbn_dnu = grown(self.cbn_dnu, self.cbn_dnu.shape[1:])
+        self._heads += [0] * grow
 
     def _ensure_derivatives(self, groups: int, k: int):
         s, e, c = self.cbn_mu.shape

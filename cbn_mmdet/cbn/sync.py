@@ -4,10 +4,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .functional import stats_dtype, weight_derivatives
+from .functional import _DIMS, stats_dtype, weight_derivatives
 from .layer import CrossIterationBatchNorm2d
-
-_DIMS = (0, 2, 3)
 
 
 class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
