@@ -9,24 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import kernels
 from .conv_trace import find_producing_conv
-from .functional import (CountNormalize, aggregate, batch_moments, project, stats_dtype,
-                         weight_derivatives, window_sums)
+from .functional import CountNormalize, non_finite, pool, weight_derivatives, window_factors
+from .kernels import stats_dtype
+from .window import LEGACY_BUFFERS, RingWindow, adapt_state, register_buffers
 
-# Window state saved in the state_dict next to BN's own buffers. Shapes depend on the producing
-# conv, so they start empty and are sized on first use (and on load).
-#   cbn_mu, cbn_nu        (S, E, C)  moments of the stored iterations (S streams, E = window - 1)
-#   cbn_wmu, cbn_wnu      (S, E, C)  <d mu/dW, W_s>, <d nu/dW, W_s>: the weight snapshot W_s as
-#                                    the compensation uses it
-#   cbn_dmu               (S, G, E, K)  d mu/dW per conv group (K = C_in/groups * kh * kw)
-#   cbn_dnu               (S, C, E, K)  d nu/dW per channel
-#   cbn_valid             (S, E)     1 where a slot holds an iteration
-#   cbn_head              (S,)       next slot to overwrite (the oldest)
-#   cbn_step              ()         training steps seen (drives the burn-in)
-#   cbn_skipped           ()         batches with non-finite statistics kept out of the window
-WINDOW_BUFFERS = ('cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu', 'cbn_dmu', 'cbn_dnu', 'cbn_valid',
-                  'cbn_head')
-STATE_BUFFERS = WINDOW_BUFFERS + ('cbn_step', 'cbn_skipped')
+# Window state saved in the state_dict next to BN's own buffers: see window.py for the layout.
+STATE_BUFFERS = ('cbn_moments', 'cbn_proj', 'cbn_dmu', 'cbn_dnu', 'cbn_valid', 'cbn_head',
+                 'cbn_step', 'cbn_skipped')
 # More calls than this in one step (no backward, no update in between) are taken as new steps.
 MAX_CALLS_PER_STEP = 16
 
@@ -41,6 +32,10 @@ def _check_bool(name, value):
     if not isinstance(value, bool):
         raise ValueError(f'CBN option `{name}` must be True or False, got {value!r}')
     return value
+
+
+def _row(buf: Tensor, i: int) -> Tensor:
+    return buf[:, :, i] if buf.dim() == 4 else buf
 
 
 class CrossIterationBatchNorm2d(_BatchNorm):
@@ -74,10 +69,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.window = _check_int('window', window, 1)
         self.burnin = _check_int('burnin', burnin, 0)
         self.compensate = _check_bool('compensate', compensate)
-        float_kw = dict(device=device, dtype=dtype or torch.get_default_dtype())
-        for name in ('cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu', 'cbn_dmu', 'cbn_dnu', 'cbn_valid'):
-            self.register_buffer(name, torch.zeros(0, **float_kw))
-        self.register_buffer('cbn_head', torch.zeros(0, dtype=torch.long, device=device))
+        register_buffers(self, device, dtype or torch.get_default_dtype())
         self.register_buffer('cbn_step', torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer('cbn_skipped', torch.zeros((), dtype=torch.long, device=device))
         self.layer_name: Optional[str] = None  # set by cbn_mmdet.name_cbn_layers, used in warnings
@@ -92,10 +84,17 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if input.dim() != 4:
             raise ValueError(f'{type(self).__name__} expects a 4-d (N, C, H, W) input, got {input.dim()}-d')
 
+    # Read-only (S, E, C) views in the layout of earlier versions, for inspection.
+    cbn_mu = property(lambda self: _row(self.cbn_moments, 0))
+    cbn_nu = property(lambda self: _row(self.cbn_moments, 1))
+    cbn_wmu = property(lambda self: _row(self.cbn_proj, 0))
+    cbn_wnu = property(lambda self: _row(self.cbn_proj, 1))
+
     # ------------------------------------------------------------------ host-side bookkeeping
     def _reset_host_state(self):
         self._step = int(self.cbn_step)            # mirrors cbn_step without device syncs
-        self._heads: List[int] = [int(h) for h in self.cbn_head.tolist()]
+        self._tracked = int(self.num_batches_tracked) if self.track_running_stats else 0
+        self.ring = RingWindow(self)
         self._calls = 0                            # calls so far in the current step
         self._backward_seen = True                 # a backward ran since the last call
         self._signature = None                     # parameter versions at the last call
@@ -104,10 +103,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def reset_window(self):
         """Forget the stored iterations (the step counter and running statistics are kept)."""
-        for name in WINDOW_BUFFERS:
-            buf = getattr(self, name)
-            setattr(self, name, buf.new_zeros(0))
-        self._heads = []
+        self.ring.clear()
 
     @property
     def in_burnin(self) -> bool:
@@ -154,77 +150,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                     mod._backward_seen = True
             out.register_hook(_seen)
 
-    # ------------------------------------------------------------------ window storage
-    def _ensure_stream(self, stream: int, c: int, dtype, device):
-        """Grow the window buffers (zero-filled) so that ``stream`` has its slots."""
-        have = self.cbn_mu.shape[0] if self.cbn_mu.dim() == 3 else 0
-        grow = stream + 1 - have
-        if grow <= 0:
-            return
-        e = self.window - 1
-
-        def grown(buf, tail, dt=dtype):
-            new = torch.zeros((grow,) + tuple(tail), dtype=dt, device=device)
-            return torch.cat([buf, new]) if have else new
-        for name in ('cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu'):
-            setattr(self, name, grown(getattr(self, name), (e, c)))
-        self.cbn_valid = grown(self.cbn_valid, (e,))
-        self.cbn_head = grown(self.cbn_head, (), torch.long)
-        if self.cbn_dnu.dim() == 4:
-            self.cbn_dmu = grown(self.cbn_dmu, self.cbn_dmu.shape[1:])
-            self.cbn_dnu = grown(self.cbn_dnu, self.cbn_dnu.shape[1:])
-        self._heads += [0] * grow
-
-    def _ensure_derivatives(self, groups: int, k: int):
-        s, e, c = self.cbn_mu.shape
-        if self.cbn_dnu.dim() == 4 and self.cbn_dnu.shape[-1] == k and self.cbn_dmu.shape[1] == groups:
-            return
-        if self.cbn_dnu.dim() == 4:
-            raise RuntimeError(f'{self._name()}: the producing conv changed shape '
-                               f'(stored K={self.cbn_dnu.shape[-1]}, now {k}); call reset_window()')
-        kw = dict(dtype=self.cbn_mu.dtype, device=self.cbn_mu.device)
-        self.cbn_dmu = torch.zeros(s, groups, e, k, **kw)
-        self.cbn_dnu = torch.zeros(s, c, e, k, **kw)
-
-    def _window_sums(self, stream: int, w: Optional[Tensor]):
-        """Sums of this stream's stored moments, compensated to the current weight ``w``."""
-        if self.cbn_mu.dim() != 3 or stream >= self.cbn_mu.shape[0]:
-            return None
-        mu, nu = self.cbn_mu[stream], self.cbn_nu[stream]
-        if w is not None and self.cbn_dnu.dim() == 4 and self.cbn_dnu.shape[-1] == w.shape[1]:
-            pmu, pnu = project(self.cbn_dmu[stream], self.cbn_dnu[stream], w)
-            mu = mu + (pmu - self.cbn_wmu[stream])
-            nu = nu + (pnu - self.cbn_wnu[stream])
-        return window_sums(mu, nu, self.cbn_valid[stream])
-
-    def _push_stats(self, stream, mu, nu, ok) -> int:
-        """Store this iteration's moments in the stream's oldest slot. The slot counts only when
-        they are finite (``ok``): a non-finite batch drops the oldest entry, never enters."""
-        h = self._heads[stream]
-        self.cbn_mu[stream, h].copy_(mu)
-        self.cbn_nu[stream, h].copy_(nu)
-        self.cbn_valid[stream, h].copy_(ok)
-        self._heads[stream] = (h + 1) % (self.window - 1)
-        self.cbn_head[stream] = self._heads[stream]
-        return h
-
-    def _store_derivatives(self, stream, h, derivs, w):
-        """Store d mu/dW, d nu/dW and their projections on the weight in slot ``h``; zeros when
-        ``derivs`` is None (the slot is then averaged without compensation)."""
-        if derivs is None:
-            if self.cbn_dnu.dim() == 4:
-                for buf in (self.cbn_dmu[stream, :, h], self.cbn_dnu[stream, :, h],
-                            self.cbn_wmu[stream, h], self.cbn_wnu[stream, h]):
-                    buf.zero_()
-            return
-        dmu, dnu = derivs
-        self._ensure_derivatives(dmu.shape[0], dmu.shape[1])
-        wmu, wnu = project(dmu.unsqueeze(1), dnu.unsqueeze(1), w)
-        self.cbn_dmu[stream, :, h].copy_(dmu)
-        self.cbn_dnu[stream, :, h].copy_(dnu)
-        self.cbn_wmu[stream, h].copy_(wmu[0])
-        self.cbn_wnu[stream, h].copy_(wnu[0])
-
     # ------------------------------------------------------------------ forward
     def forward(self, y: Tensor) -> Tensor:
         self._check_input_dim(y)
@@ -240,6 +165,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         use_window = self.window > 1 and self._step - 1 >= self.burnin
         if not use_window and not collective:
             self._replay.append(None)
+            if self.track_running_stats:
+                self._tracked += 1
             out = super().forward(y)  # burn-in and window=1: BatchNorm2d exactly
             self._watch_backward(out)
             return out
@@ -249,9 +176,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _collective(self) -> bool:
         return False
 
-    def _moments(self, y: Tensor, rec, w):
-        """This iteration's (mu, nu), their weight derivatives (or None) and element count."""
-        return (*batch_moments(y), weight_derivatives(rec, y) if w is not None else None,
+    def _moments(self, y: Tensor, rec, w, kern):
+        """This iteration's (mu, nu) as (2, C), their weight derivatives (or None) and the
+        element count ``m`` (an int; SyncCBN: a 0-d tensor, the total over processes)."""
+        return (kern.moments(y), weight_derivatives(rec, y) if w is not None else None,
                 y.numel() // self.num_features)
 
     def _grad_reducer(self):
@@ -272,54 +200,92 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return None
         return rec.weight.detach().reshape(self.num_features, -1)
 
+    def _factors(self, nvalid, m, dtype, device):
+        """``(row, int counts)`` of :func:`window_factors` for ``nvalid`` stored iterations."""
+        slots = max(self.window - 1, 0)
+        if not isinstance(m, Tensor):
+            tab, counts = window_factors(m, slots, dtype, device)
+            if isinstance(nvalid, Tensor):  # index on the device: no host sync
+                return tab.index_select(0, nvalid.view(1))[0], counts
+            return tab[nvalid], counts
+        n = torch.as_tensor(nvalid, device=device).to(dtype) + 1   # SyncCBN: m is a tensor
+        c = n * m
+        row = torch.stack((1 / n, torch.ones_like(n), c / (c - 1).clamp_min(1), c))
+        return row, c.to(torch.int32).view(1).expand(slots + 1)
+
     def _cbn_forward(self, y, stream, rec, why):
         """Window forward; ``stream`` None means no window (SyncCBN's burn-in: synchronized BN)."""
         if rec is None and why != 'no-graph' and not self._warned:
             self._warned = True
             warnings.warn(f'{self._name()}: its input comes from {why}, not from a 2-d conv; '
                           'stored statistics are averaged without weight compensation.')
+        kern = kernels.select(y)
         w = self._compensation_weight(rec) if stream is not None else None
-        with torch.no_grad():
-            mu, nu, derivs, m = self._moments(y, rec, w)
-            sums = None
-            if stream is not None:
-                self._ensure_stream(stream, self.num_features, mu.dtype, mu.device)
-                sums = self._window_sums(stream, w)
-            mean, var, n = aggregate(mu, nu, sums)
+        with torch.no_grad(), torch.autocast(y.device.type, enabled=False):
+            moments, derivs, m = self._moments(y, rec, w, kern)
+            proj = None
+            if stream is None:
+                nvalid = 0
+                row, int_counts = self._factors(0, m, moments.dtype, moments.device)
+                stats = moments.clone()
+                stats[1].addcmul_(stats[0], stats[0], value=-1).clamp_min_(0)
+            else:
+                self.ring.ensure(stream, self.num_features, moments.dtype, moments.device)
+                past, valid, proj = self.ring.stored(stream, w, derivs)
+                nvalid = valid.sum()
+                row, int_counts = self._factors(nvalid, m, moments.dtype, moments.device)
+                stats = pool(moments, past, valid, row[0])
+                if self.probe is not None and stream == 0:
+                    self._record_probe(moments, self.ring.stored(stream, None, None)[0], valid, stats)
+            mean, var = stats[0], stats[1]
             invstd = (var + self.eps).rsqrt()
-            count = n.to(torch.float64) * m
-            self._replay.append(sums)
-            if self.probe is not None and stream == 0:
-                self._record_probe(mu, nu, mean, var, stream if sums is not None else None)
-            ok = torch.isfinite(mu).all() & torch.isfinite(nu).all()
-            self.cbn_skipped.add_((~ok).long())
+            bad = non_finite(stats, proj)
+            if isinstance(m, Tensor):  # SyncCBN: no process had an element
+                bad = bad | (m == 0)
+            self.cbn_skipped.add_(bad)
             if stream is not None:
-                h = self._push_stats(stream, mu, nu, ok)
-                self._store_derivatives(stream, h, derivs, w)
-            self._update_running(mean, var, count, ok)
-        out = CountNormalize.apply(y, self.weight, self.bias, mean, invstd, count,
-                                   self._grad_reducer())
+                self.ring.push(stream, moments, derivs, proj, bad)
+            self._update_running(stats, row, bad)
+            counts = kern.counts(row, int_counts, nvalid)
+            self._replay.append((mean, invstd, var, counts))
+        out = CountNormalize.apply(y, self.weight, self.bias, mean, invstd, var, self.eps, counts,
+                                   kern, self._grad_reducer())
         self._watch_backward(out)
         return out
 
-    def _record_probe(self, mu, nu, mean, var, stream):
+    def _record_probe(self, moments, past, valid, stats):
         """For statistics studies: the mean/var that BN (this batch), plain averaging of the
         window and CBN would normalize with at this call (before this batch is stored)."""
-        plain = aggregate(mu, nu, self._window_sums(stream, None) if stream is not None else None)
-        self.probe.update(
-            batch=(mu.clone(), (nu - mu * mu).clamp_min(0)), plain=(plain[0].clone(), plain[1].clone()),
-            cbn=(mean.clone(), var.clone()), step=self._step)
+        def mean_var(s):
+            return s[0].clone(), (s[1] - s[0] * s[0]).clamp_min(0)
+        n = valid.sum() + 1
+        plain = (torch.where(valid.view(-1, 1, 1), past, 0).sum(0) + moments) / n
+        self.probe.update(batch=mean_var(moments), plain=mean_var(plain),
+                          cbn=(stats[0].clone(), stats[1].clone()), step=self._step)
 
-    def _update_running(self, mean, var, count, ok):
+    def _running_pair(self) -> Tensor:
+        """running_mean and running_var as rows of one (2, C) tensor (they are views of it), so
+        that one ``where`` and one ``lerp_`` update both. Relinked after ``.to()`` and the like."""
+        rm, rv = self.running_mean, self.running_var
+        base = rm._base
+        if base is None or rv._base is not base or base.shape != (2, rm.shape[0]) \
+                or rm.data_ptr() != base.data_ptr() or rv.data_ptr() != base[1].data_ptr():
+            base = torch.stack((rm, rv))
+            self.running_mean, self.running_var = base[0], base[1]
+        return base
+
+    def _update_running(self, stats, row, bad):
         """Running statistics follow the window's mean and (unbiased) variance: the statistics the
-        layer normalized with in training, so eval sees what training saw."""
+        layer normalized with in training, so eval sees what training saw. A non-finite batch
+        leaves them unchanged."""
         if not self.track_running_stats:
             return
         self.num_batches_tracked.add_(1)
-        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        unbiased = var * (count / (count - 1).clamp_min(1))
-        for buf, new in ((self.running_mean, mean), (self.running_var, unbiased)):
-            buf.copy_(torch.where(ok, torch.lerp(buf, new.to(buf.dtype), factor), buf))
+        self._tracked += 1
+        factor = self.momentum if self.momentum is not None else 1.0 / self._tracked
+        pair = self._running_pair()
+        new = (stats * row[1:3, None]).to(pair.dtype)
+        pair.lerp_(torch.where(bad, pair, new), factor)
 
     def _empty(self, y):
         """No positions (e.g. a mask head with no positive RoI): no statistics, no state change;
@@ -334,29 +300,36 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 f'{self._name()} is being recomputed (activation checkpointing) but was called '
                 f'{len(self._replay)} times in this step; CBN supports checkpointing of layers '
                 'called once per step.')
-        sums = self._replay[0]
-        if sums is None and not self._collective():  # a BN step: batch statistics only
+        saved = self._replay[0]
+        if saved is None:  # a BN step: batch statistics only
             out = F.batch_norm(y, None, None, self.weight, self.bias, True, 0.0, self.eps)
         else:
-            with torch.no_grad():
-                mu, nu, _, m = self._moments(y, None, None)
-                mean, var, n = aggregate(mu, nu, sums)
-                invstd = (var + self.eps).rsqrt()
-                count = n.to(torch.float64) * m
-            out = CountNormalize.apply(y, self.weight, self.bias, mean, invstd, count,
-                                       self._grad_reducer())
+            mean, invstd, var, counts = saved
+            out = CountNormalize.apply(y, self.weight, self.bias, mean, invstd, var, self.eps,
+                                       counts, kernels.select(y), self._grad_reducer())
         self._watch_backward(out)
         return out
 
     # ------------------------------------------------------------------ state
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.ring.sync()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        present = [n for n in STATE_BUFFERS if prefix + n in state_dict]
-        for name in present:
-            src, cur = state_dict[prefix + name], getattr(self, name)
-            if src.shape != cur.shape:
-                setattr(self, name, torch.zeros(src.shape, dtype=cur.dtype, device=cur.device))
-        if not any(prefix + n in state_dict for n in WINDOW_BUFFERS):
+        if any(prefix + n in state_dict for n in STATE_BUFFERS + LEGACY_BUFFERS):
+            state_dict = dict(state_dict)  # adapted below; the caller's dict stays as it was
+            msg = adapt_state(state_dict, prefix, self.window, self._name())
+            if msg:
+                warnings.warn(msg)
+        for name in STATE_BUFFERS:
+            if prefix + name in state_dict:
+                src, cur = state_dict[prefix + name], getattr(self, name)
+                if src.shape != cur.shape:
+                    dt = cur.dtype if name in ('cbn_valid', 'cbn_head', 'cbn_step', 'cbn_skipped') \
+                        else self.running_mean.dtype
+                    setattr(self, name, torch.zeros(src.shape, dtype=dt, device=cur.device))
+        if not any(prefix + n in state_dict for n in ('cbn_moments', 'cbn_valid')):
             self.reset_window()  # a plain BN checkpoint: start with an empty window
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .functional import _DIMS, stats_dtype, weight_derivatives
+from .functional import weight_derivatives
 from .layer import CrossIterationBatchNorm2d
 
 
@@ -30,26 +30,28 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
         return (dist.is_available() and dist.is_initialized()
                 and dist.get_world_size(self.process_group) > 1)
 
-    def _moments(self, y, rec, w):
+    def _moments(self, y, rec, w, kern):
         """All-reduce of the sums behind (mu, nu, d mu/dW, d nu/dW) and the element count."""
         if not self._collective():
-            return super()._moments(y, rec, w)
-        c = self.num_features
-        m = y.numel() // c
-        ys = y.to(stats_dtype(y.dtype))
-        parts = [ys.new_full((1,), float(m)), ys.sum(_DIMS), (ys * ys).sum(_DIMS)]
+            return super()._moments(y, rec, w, kern)
+        m = y.numel() // self.num_features
+        moments = kern.moments(y)
+        parts = [moments.new_full((1,), float(m)), (moments * m).view(-1)]
         if w is not None:
             dmu, dnu = weight_derivatives(rec, y, normalize=False)
-            parts += [dmu.reshape(-1), dnu.reshape(-1)]
+            parts += [dmu.view(-1), dnu.view(-1)]
         flat = torch.cat(parts)
         dist.all_reduce(flat, group=self.process_group)
         total = flat[0]
-        mu, nu = flat[1:1 + c] / total, flat[1 + c:1 + 2 * c] / total
+        # every process empty: zeros, kept out of the window and the running statistics (the
+        # layer treats a zero total count like a non-finite batch)
+        flat = flat[1:] / total.clamp_min(1)
+        moments = flat[:moments.numel()].view_as(moments)
         derivs = None
         if w is not None:
-            rest = flat[1 + 2 * c:] / total
+            rest = flat[moments.numel():]
             derivs = (rest[:dmu.numel()].view_as(dmu), rest[dmu.numel():].view_as(dnu))
-        return mu, nu, derivs, total
+        return moments, derivs, total
 
     def _grad_reducer(self):
         if not self._collective():

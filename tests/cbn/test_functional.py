@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from cbn_mmdet.cbn.conv_trace import find_producing_conv
 from cbn_mmdet.cbn.functional import CountNormalize, mean_patch, project, weight_derivatives
+from cbn_mmdet.cbn.kernels import PORTABLE
 
 CONVS = [
     dict(kernel_size=3, padding=1),
@@ -71,7 +72,9 @@ def test_count_normalize_backward_is_bn_backward_over_count(affine):
     with torch.no_grad():
         mean = (y.mean((0, 2, 3)) + c_mu) / n
         var = ((y * y).mean((0, 2, 3)) + c_nu) / n - mean * mean
-    out = CountNormalize.apply(y, w, b, mean, (var + eps).rsqrt(), torch.tensor(float(n * m)))
+    counts = PORTABLE.counts(torch.tensor([1.0 / n, 1.0, 0.0, float(n * m)], dtype=torch.float64),
+                             None, 0)
+    out = CountNormalize.apply(y, w, b, mean, (var + eps).rsqrt(), var, eps, counts, PORTABLE)
     grads = torch.autograd.grad(out, [y] + ([w, b] if affine else []), g)
     torch.testing.assert_close(out, ref)
     for a, e in zip(grads, ref_grads):

@@ -10,6 +10,9 @@ import torch.nn as nn
 from cbn_mmdet.cbn import CrossIterationBatchNorm2d
 from tests.cbn.reference import ReferenceCBN
 
+# every test runs on the portable kernels and on the CUDA branch (emulated kernels)
+pytestmark = pytest.mark.usefixtures('kernel_set')
+
 F64 = torch.float64
 CONVS = {
     '3x3': dict(kernel_size=3, padding=1),

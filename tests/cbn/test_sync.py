@@ -26,17 +26,21 @@ def _model(norm_cls):
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), norm_cls(6, window=3)).double()
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(rank, world, port, out_dir, fused=False, splits=SPLITS):
+    if fused:  # the CUDA branch, through CPU emulations of the fused kernels
+        from tests.cbn.cuda_emulation import emulated_cuda_kernels
+        with emulated_cuda_kernels():
+            return _worker(rank, world, port, out_dir, False, splits)
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = nn.parallel.DistributedDataParallel(_model(SyncCrossIterationBatchNorm2d))
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     records = []
-    for step, split in enumerate(SPLITS):
+    for step, split in enumerate(splits):
         x, target = _data(step)
         lo = 0 if rank == 0 else split[0]
-        hi = split[0] if rank == 0 else 4
+        hi = split[0] if rank == 0 else sum(split)
         xr = x[lo:hi].clone().requires_grad_()
         out = model(xr)
         opt.zero_grad()
@@ -56,8 +60,9 @@ def _free_port():
 
 
 @pytest.mark.integration
-def test_sync_cbn_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize('fused', [False, True], ids=['portable', 'fused-emulated'])
+def test_sync_cbn_two_processes_equals_one_process_on_the_whole_batch(tmp_path, fused):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), fused), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
 
     model = _model(CrossIterationBatchNorm2d)
@@ -90,3 +95,22 @@ def test_sync_cbn_without_process_group_is_cbn():
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb
         torch.testing.assert_close(va, vb)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize('fused', [False, True], ids=['portable', 'fused-emulated'])
+def test_sync_cbn_step_with_every_process_empty(tmp_path, fused):
+    """A step where no process has an element: nothing divides by the zero count, the step is
+    kept out of the window and the running statistics, training goes on."""
+    splits = [(2, 2), (1, 1), (0, 0), (2, 1), (1, 2)]
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), fused, splits), nprocs=2, join=True)
+    for r in range(2):
+        saved = torch.load(tmp_path / f'rank{r}.pt', weights_only=True)
+        state = saved['state']
+        for key in ('1.cbn_moments', '1.cbn_proj', '1.cbn_dnu', '1.running_mean', '1.running_var'):
+            assert torch.isfinite(state[key]).all(), key
+        assert state['1.cbn_skipped'].item() == 1
+        assert state['1.cbn_valid'].sum().item() == 2
+        assert saved['records'][2]['out'].shape == (0, 6, 8, 8)
+        for rec in saved['records']:
+            assert torch.isfinite(rec['out']).all() and all(torch.isfinite(g).all() for g in rec['grads'])

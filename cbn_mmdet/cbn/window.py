@@ -1,0 +1,189 @@
+"""The window's ring buffer: the last ``window - 1`` iterations of each call stream.
+
+The tensors live in the owning module's buffers (so they are in its state_dict and follow
+``.to()``); this object knows their layout and is the only code that reads or writes them.
+Per stream ``s`` (the i-th call of a step; a head shared across FPN levels has several) and
+slot ``e`` (``E = window - 1`` slots, ``head[s]`` is the oldest, overwritten next):
+
+    cbn_moments (S, E, 2, C)  (mu, nu) of the stored iteration
+    cbn_proj    (S, E, 2, C)  <d mu/dW, W_s>, <d nu/dW, W_s>: its weight snapshot as the
+                              compensation uses it (no weight-sized copy of W_s is kept)
+    cbn_dmu     (S, G, E, K)  d mu/dW per conv group (K = C_in/groups * kh * kw)
+    cbn_dnu     (S, C, E, K)  d nu/dW per channel
+    cbn_valid   (S, E) bool   the slot holds a finite iteration
+    cbn_head    (S,)          next slot to overwrite (kept on the host, written at save time)
+"""
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .functional import compensation_terms
+
+FLOAT_BUFFERS = ('cbn_moments', 'cbn_proj', 'cbn_dmu', 'cbn_dnu')
+BUFFERS = FLOAT_BUFFERS + ('cbn_valid', 'cbn_head')
+# The layout before 2026-11-29: separate (S, E, C) buffers per moment, float validity.
+LEGACY_BUFFERS = ('cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu')
+
+
+def register_buffers(module, device=None, dtype=None):
+    for name in FLOAT_BUFFERS:
+        module.register_buffer(name, torch.zeros(0, device=device, dtype=dtype))
+    module.register_buffer('cbn_valid', torch.zeros(0, dtype=torch.bool, device=device))
+    module.register_buffer('cbn_head', torch.zeros(0, dtype=torch.long, device=device))
+
+
+class RingWindow:
+    """Reads and writes the window buffers of ``module`` (a CrossIterationBatchNorm2d)."""
+
+    def __init__(self, module):
+        self.module = module
+        self.heads: List[int] = [int(h) for h in module.cbn_head.tolist()]
+
+    @property
+    def slots(self) -> int:
+        return self.module.window - 1
+
+    def streams(self) -> int:
+        m = self.module.cbn_moments
+        return m.shape[0] if m.dim() == 4 else 0
+
+    def clear(self):
+        for name in BUFFERS:
+            buf = getattr(self.module, name)
+            setattr(self.module, name, buf.new_zeros(0))
+        self.heads = []
+
+    def ensure(self, stream: int, c: int, dtype, device):
+        """Grow to ``stream + 1`` streams (empty slots); keep the float buffers in ``dtype`` (a
+        ``.half()`` on the module converts them, the statistics stay float32)."""
+        mod = self.module
+        for name in FLOAT_BUFFERS:
+            buf = getattr(mod, name)
+            if buf.dtype != dtype:
+                setattr(mod, name, buf.to(dtype))
+        have = self.streams()
+        grow = stream + 1 - have
+        if grow <= 0:
+            return
+        e = self.slots
+
+        def grown(buf, tail, dt):
+            new = torch.zeros((grow,) + tuple(tail), dtype=dt, device=device)
+            return torch.cat([buf, new]) if have else new
+        mod.cbn_moments = grown(mod.cbn_moments, (e, 2, c), dtype)
+        mod.cbn_proj = grown(mod.cbn_proj, (e, 2, c), dtype)
+        mod.cbn_valid = grown(mod.cbn_valid, (e,), torch.bool)
+        mod.cbn_head = grown(mod.cbn_head, (), torch.long)
+        if mod.cbn_dnu.dim() == 4:
+            mod.cbn_dmu = grown(mod.cbn_dmu, mod.cbn_dmu.shape[1:], dtype)
+            mod.cbn_dnu = grown(mod.cbn_dnu, mod.cbn_dnu.shape[1:], dtype)
+        self.heads += [0] * grow
+
+    def has_derivatives(self, k: int) -> bool:
+        return self.module.cbn_dnu.dim() == 4 and self.module.cbn_dnu.shape[-1] == k
+
+    def _ensure_derivatives(self, groups: int, k: int):
+        mod = self.module
+        if mod.cbn_dnu.dim() == 4:
+            if mod.cbn_dnu.shape[-1] == k and mod.cbn_dmu.shape[1] == groups:
+                return
+            raise RuntimeError(f'{mod._name()}: the producing conv changed shape (stored '
+                               f'K={mod.cbn_dnu.shape[-1]}, now {k}); call reset_window()')
+        s, e, _, c = mod.cbn_moments.shape
+        kw = dict(dtype=mod.cbn_moments.dtype, device=mod.cbn_moments.device)
+        mod.cbn_dmu = torch.zeros(s, groups, e, k, **kw)
+        mod.cbn_dnu = torch.zeros(s, c, e, k, **kw)
+
+    def stored(self, stream: int, w: Optional[Tensor], derivs) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The stream's stored moments compensated to the current weight ``w`` (E, 2, C), their
+        validity (E,), and the projections of the current ``derivs`` on ``w`` (2, C) or None.
+
+        One batched product projects the stored derivatives and the current ones together.
+        """
+        mod = self.module
+        moments, valid = mod.cbn_moments[stream], mod.cbn_valid[stream]
+        current = [] if derivs is None else [(derivs[0][:, None], derivs[1][:, None])]
+        if w is None or not self.has_derivatives(w.shape[1]):
+            if derivs is None:
+                return moments, valid, None
+            return moments, valid, compensation_terms([current[0][0]], [current[0][1]], w)[0]
+        p = compensation_terms([mod.cbn_dmu[stream]] + [c[0] for c in current],
+                               [mod.cbn_dnu[stream]] + [c[1] for c in current], w)
+        e = self.slots
+        return moments + (p[:e] - mod.cbn_proj[stream]), valid, p[e] if derivs is not None else None
+
+    def push(self, stream: int, moments: Tensor, derivs, proj: Optional[Tensor], bad: Tensor):
+        """Store this iteration in the stream's oldest slot; it counts only when not ``bad``
+        (non-finite): a non-finite iteration drops the oldest entry and never enters."""
+        mod = self.module
+        h = self.heads[stream]
+        mod.cbn_moments[stream, h].copy_(moments)
+        torch.logical_not(bad, out=mod.cbn_valid[stream, h])
+        if derivs is not None:
+            self._ensure_derivatives(derivs[0].shape[0], derivs[0].shape[1])
+            mod.cbn_dmu[stream, :, h].copy_(derivs[0])
+            mod.cbn_dnu[stream, :, h].copy_(derivs[1])
+            mod.cbn_proj[stream, h].copy_(proj)
+        elif mod.cbn_dnu.dim() == 4:  # no compensation for this slot
+            for buf in (mod.cbn_dmu[stream, :, h], mod.cbn_dnu[stream, :, h], mod.cbn_proj[stream, h]):
+                buf.zero_()
+        self.heads[stream] = (h + 1) % self.slots
+
+    def sync(self):
+        """Write the host-side heads into ``cbn_head`` (before the state is saved)."""
+        head = self.module.cbn_head
+        if head.numel() and head.tolist() != self.heads:
+            head.copy_(torch.tensor(self.heads, dtype=head.dtype))
+
+
+def adapt_state(state_dict, prefix: str, window: int, name: str) -> Optional[str]:
+    """Rewrite a saved window in ``state_dict`` to this layer's ``window`` (and from the legacy
+    layout); returns a sentence saying what was done, or None when nothing had to change.
+
+    The most recent ``window - 1`` iterations are kept (fewer if fewer were stored), oldest first.
+    """
+    key = prefix.__add__
+    msg = None
+    if key('cbn_mu') in state_dict:  # legacy layout: (S, E, C) per moment, float validity
+        mu, nu, wmu, wnu = (state_dict.pop(key(n)) for n in LEGACY_BUFFERS)
+        if mu.dim() == 3:
+            state_dict[key('cbn_moments')] = torch.stack((mu, nu), 2)
+            state_dict[key('cbn_proj')] = torch.stack((wmu, wnu), 2)
+        else:
+            state_dict[key('cbn_moments')] = mu
+            state_dict[key('cbn_proj')] = wmu
+        state_dict[key('cbn_valid')] = state_dict[key('cbn_valid')] > 0
+        msg = f'{name}: converted a window saved in the legacy layout'
+    moments = state_dict.get(key('cbn_moments'))
+    if moments is None or moments.dim() != 4 or moments.shape[1] == window - 1:
+        return msg
+    s, e_old = moments.shape[:2]
+    e_new = window - 1
+    head = state_dict[key('cbn_head')].tolist()
+    keep = min(e_old, e_new)
+    # per stream, slot indices from oldest to newest; keep the newest `keep`
+    order = torch.tensor([[(h + i) % e_old for i in range(e_old)][e_old - keep:] for h in head],
+                         dtype=torch.long)
+    has_d = state_dict.get(key('cbn_dnu')) is not None and state_dict[key('cbn_dnu')].dim() == 4
+
+    def take(t, dim):
+        idx = order.view((s,) + (1,) * (dim - 1) + (keep,) + (1,) * (t.dim() - dim - 1))
+        picked = torch.gather(t, dim, idx.expand(t.shape[:dim] + (keep,) + t.shape[dim + 1:]))
+        pad = list(picked.shape)
+        pad[dim] = e_new - keep
+        return torch.cat((picked, picked.new_zeros(pad)), dim)
+    for n in ('cbn_moments', 'cbn_proj', 'cbn_valid'):
+        state_dict[key(n)] = take(state_dict[key(n)], 1)
+    if has_d:
+        for n in ('cbn_dmu', 'cbn_dnu'):
+            state_dict[key(n)] = take(state_dict[key(n)], 2)
+    state_dict[key('cbn_head')] = torch.full((s,), keep % e_new if e_new else 0, dtype=torch.long)
+    what = (f'{name}: the saved window holds {e_old} stored iterations, this layer keeps '
+            f'{e_new} (window={window}); kept the newest {keep}')
+    return what if msg is None else f'{msg}; {what[len(name) + 2:]}'
+
+
+def warn(msg: str):
+    warnings.warn(msg)
