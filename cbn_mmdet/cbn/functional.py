@@ -6,9 +6,10 @@ layer input, ``mu``/``nu`` its per-channel first and second moments over ``m = N
 weight-gradient routines (no second autograd pass).
 
 Precision: everything here returns float32 (float64 for float64 inputs) whatever autocast or
-TF32 say. Small products run in float64 or as elementwise sums, never as float32 ``matmul``
-(autocast would run it in fp16/bf16, TF32 would round its operands to 10 bits).
+TF32 say: the small products run under :func:`exact_fp32` (autocast off; TF32 would round
+their operands to 10 bits, and the compensation is a small difference of two of them).
 """
+import contextlib
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -16,43 +17,79 @@ import torch
 from torch import Tensor
 
 from .conv_trace import ConvRecord
-from .kernels import memory_format, stats_dtype
+from .kernels import PORTABLE, memory_format, stats_dtype
+
+@contextlib.contextmanager
+def exact_fp32(device_type: str):
+    """Inside: autocast off and float32 matmuls in full precision
+    (``set_float32_matmul_precision('highest')``; 'high' lets CUDA use TF32). Host-side flags:
+    no sync, restored on exit; nothing is entered when nothing needs changing (hot path)."""
+    prec = torch.get_float32_matmul_precision()
+    autocast = torch.is_autocast_enabled(device_type)
+    if prec == 'highest' and not autocast:
+        yield
+        return
+    if prec != 'highest':
+        torch.set_float32_matmul_precision('highest')
+    try:
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            yield
+    finally:
+        if prec != 'highest':
+            torch.set_float32_matmul_precision(prec)
+
 
 _TAPS: dict = {}
 _TAPS_MAX = 256  # shapes kept; a detector sees a few per layer (image sizes x FPN levels)
+_KRON_MAX = 1024  # maps up to this many positions use one combined tap matrix
 
 
 def _tap_indicator(size_in: int, size_out: int, k: int, s: int, p: int, d: int, scale: float,
-                   device) -> Tensor:
-    """(k, size_in) float64 matrix: ``scale`` where input row r is tap a of some output row.
+                   device, dtype) -> Tensor:
+    """(k, size_in) matrix: ``scale`` where input row r is tap a of some output row.
 
     Depends only on shapes, so it is built once per shape and device and kept.
     """
-    key = (size_in, size_out, k, s, p, d, scale, device)
+    key = (size_in, size_out, k, s, p, d, scale, device, dtype)
     taps = _TAPS.get(key)
     if taps is None:
         if len(_TAPS) >= _TAPS_MAX:
             _TAPS.clear()
         rows = (torch.arange(size_out) * s)[None, :] + (torch.arange(k) * d - p)[:, None]
         hit = (rows[:, :, None] == torch.arange(size_in)[None, None, :]).any(1)
-        taps = _TAPS[key] = (hit.to(torch.float64) * scale).to(device)
+        taps = _TAPS[key] = (hit.to(torch.float64) * scale).to(device=device, dtype=dtype)
     return taps
 
 
 def mean_patch(x: Tensor, kernel: Tuple[int, int], stride, padding, dilation,
-               out_hw: Tuple[int, int], scale: float = 1.0) -> Tensor:
-    """``scale`` times the sum over output positions of the im2col patch, (C_in, kh, kw) float64.
+               out_hw: Tuple[int, int], scale: float = 1.0, out: Optional[Tensor] = None) -> Tensor:
+    """``scale`` times the sum over output positions of the im2col patch, (C_in, kh, kw), in the
+    statistics dtype.
 
     With ``scale = 1/m`` this is ``d mu / d W`` of every output channel of the group. It is
-    separable in rows and columns: one pass over ``x`` (the batch sum) plus two small float64
-    matmuls (exact enough, and out of reach of autocast and TF32).
+    separable in rows and columns: one pass over ``x`` (the batch sum) plus two small matmuls.
     """
-    xs = x.sum(0, dtype=torch.float64)                                   # (C, H, W)
+    dt = stats_dtype(x.dtype)
+    xs = x.sum(0, dtype=dt)                                               # (C, H, W)
+    h, w = x.shape[2:]
+    if h * w <= _KRON_MAX:  # small maps: both taps in one (H*W, kh*kw) matrix, one matmul
+        key = ('kron', h, w, out_hw, tuple(kernel), tuple(stride), tuple(padding),
+               tuple(dilation), scale, x.device, dt)
+        taps = _TAPS.get(key)
+        if taps is None:
+            r = _tap_indicator(h, out_hw[0], kernel[0], stride[0], padding[0], dilation[0], 1.0, 'cpu', dt)
+            c = _tap_indicator(w, out_hw[1], kernel[1], stride[1], padding[1], dilation[1], scale, 'cpu', dt)
+            taps = _TAPS[key] = torch.kron(r, c).t().contiguous().to(x.device)   # (H*W, kh*kw)
+        if out is not None:
+            out = out.view(xs.shape[0], -1)
+        with exact_fp32(x.device.type):
+            return torch.matmul(xs.view(xs.shape[0], -1), taps, out=out).view(-1, *kernel)
     rows = _tap_indicator(x.shape[2], out_hw[0], kernel[0], stride[0], padding[0], dilation[0],
-                          1.0, x.device)                                 # (kh, H)
+                          1.0, x.device, dt)                              # (kh, H)
     cols = _tap_indicator(x.shape[3], out_hw[1], kernel[1], stride[1], padding[1], dilation[1],
-                          scale, x.device)                               # (kw, W)
-    return torch.matmul(torch.matmul(rows, xs), cols.t())                 # (C, kh, kw)
+                          scale, x.device, dt)                            # (kw, W)
+    with exact_fp32(x.device.type):
+        return torch.matmul(torch.matmul(rows, xs), cols.t(), out=out)    # (C, kh, kw)
 
 
 def _fp16_scales(m: int) -> Tuple[float, float]:
@@ -62,26 +99,30 @@ def _fp16_scales(m: int) -> Tuple[float, float]:
     return 2.0 ** -(e // 2), 2.0 ** -(e - e // 2)
 
 
-def weight_derivatives(rec: ConvRecord, y: Tensor, normalize: bool = True) -> Tuple[Tensor, Tensor]:
-    """Closed-form ``d mu/dW`` per group, shape (G, K), and ``d nu/dW``, shape (C, K).
+def derivatives(rec: ConvRecord, y: Tensor, normalize: bool = True,
+                out: Optional[Tensor] = None) -> Tensor:
+    """Closed-form weight derivatives as one (C + G, K) tensor: rows ``0..C-1`` are ``d nu/dW``
+    per output channel, rows ``C..C+G-1`` are ``d mu/dW`` per conv group (shared by its channels).
 
     ``K = C_in/groups * kh * kw``; statistics dtype (float32, or float64 for float64 inputs).
     ``d nu/dW`` is the conv's weight gradient for the output gradient ``2y/m``: one extra
     weight-gradient convolution in the activations' dtype, nothing kept alive afterwards.
     ``normalize=False`` returns ``m`` times both (sums, which SyncCBN adds across processes).
+    ``out``: a (C + G, K) tensor to write into (saves an allocation per call).
     """
     n, c = y.shape[:2]
     m = n * y.shape[2] * y.shape[3]
     dt = stats_dtype(y.dtype)
     w, x = rec.saved_weight, rec.input
     groups, k = rec.groups, w[0].numel()
+    if out is None:
+        out = torch.empty(c + groups, k, dtype=dt, device=y.device)
     if m == 0:
-        return (torch.zeros(groups, k, dtype=dt, device=y.device),
-                torch.zeros(c, k, dtype=dt, device=y.device))
+        return out.zero_()
     div = m if normalize else 1
-    with torch.autocast(y.device.type, enabled=False):
-        dmu = mean_patch(x, tuple(w.shape[2:]), rec.stride, rec.padding, rec.dilation,
-                         tuple(y.shape[2:]), 1.0 / div).reshape(groups, k).to(dt)
+    with torch.no_grad(), exact_fp32(y.device.type):
+        mean_patch(x, tuple(w.shape[2:]), rec.stride, rec.padding, rec.dilation,
+                   tuple(y.shape[2:]), 1.0 / div, out=out[c:].view(-1, *w.shape[2:]))
         grad_out = y if y.dtype == x.dtype else y.to(x.dtype)
         factor = 2.0 / div
         if x.dtype == torch.float16:
@@ -90,31 +131,36 @@ def weight_derivatives(rec: ConvRecord, y: Tensor, normalize: bool = True) -> Tu
         dnu = torch.ops.aten.convolution_backward(
             grad_out, x, w, None, list(rec.stride), list(rec.padding), list(rec.dilation),
             False, [0, 0], groups, [False, True, False])[1]
-    return dmu, dnu.reshape(c, k).to(dt).mul_(factor)
+        torch.mul(dnu.reshape(c, k).to(dt), factor, out=out[:c])
+    return out
 
 
-def compensation_terms(dmu: Sequence[Tensor], dnu: Sequence[Tensor], weight: Tensor) -> Tensor:
-    """``<dmu[g(j)], W[j]>`` and ``<dnu[j], W[j]>`` per channel ``j`` and slot, as (E, 2, C).
+def weight_derivatives(rec: ConvRecord, y: Tensor, normalize: bool = True) -> Tuple[Tensor, Tensor]:
+    """``(d mu/dW per group (G, K), d nu/dW per channel (C, K))``: views of :func:`derivatives`."""
+    d = derivatives(rec, y, normalize)
+    return d[y.shape[1]:], d[:y.shape[1]]
 
-    dmu: pieces (G, E_i, K), dnu: pieces (C, E_i, K) (slots ``E = sum E_i``, in order), weight:
-    (C, K). One concatenation, one elementwise product and one sum in the derivatives' dtype for
-    both moments and every slot: no matmul, so neither autocast nor TF32 can round them (the
+
+def compensation_terms(derivs: Tensor, weight: Tensor, kern=PORTABLE) -> Tensor:
+    """``<d mu/dW[g(j)], W[j]>`` and ``<d nu/dW[j], W[j]>`` per channel ``j`` and slot: (E, 2, C).
+
+    derivs: (C + G, E, K) in the layout of :func:`derivatives` (E slots), weight: (C, K). A
+    row-by-row product for ``nu`` (``kern.rowdot``) and one small matmul for ``mu`` (its
+    derivative is shared by the channels of a group), with autocast off and TF32 disabled (the
     compensation is a small difference of two such terms).
     """
     c, k = weight.shape
-    g = dmu[0].shape[0]
-    e = sum(t.shape[1] for t in dmu)
-    pieces = [t.view(g, 1, t.shape[1], k).expand(g, c // g, t.shape[1], k) for t in dmu]
-    pieces += [t.view(g, c // g, t.shape[1], k) for t in dnu]
-    d = torch.cat(pieces, 2)
-    with torch.autocast(weight.device.type, enabled=False):
-        p = (d * weight.to(d.dtype).view(g, c // g, 1, k)).sum(-1)         # (G, C/G, 2E)
-    return p.view(c, 2, e).permute(2, 1, 0)
+    g, e = derivs.shape[0] - c, derivs.shape[1]
+    w = weight.to(derivs.dtype)
+    with exact_fp32(w.device.type):
+        p_nu = kern.rowdot(derivs[:c], w.view(c, 1, k))                        # (C, E)
+        p_mu = torch.matmul(w.view(g, c // g, k), derivs[c:].transpose(1, 2))   # (G, C/G, E)
+    return torch.stack((p_mu.view(c, e), p_nu)).permute(2, 0, 1)
 
 
 def project(dmu: Tensor, dnu: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
     """``(<dmu, W>, <dnu, W>)`` per channel for one iteration's derivatives (G, K) / (C, K)."""
-    p = compensation_terms([dmu[:, None]], [dnu[:, None]], weight)[0]
+    p = compensation_terms(torch.cat((dnu, dmu))[:, None], weight)[0]
     return p[0], p[1]
 
 
@@ -175,18 +221,21 @@ class CountNormalize(torch.autograd.Function):
     which is exactly BatchNorm over ``n*m`` elements of which only ``y`` carries gradient.
     ``kernels`` is the kernel set (:mod:`.kernels`), ``counts`` what its backward needs to know
     of ``n`` (and ``n*m``); ``all_reduce`` (optional) sums the two backward reductions across
-    processes (SyncCBN).
+    processes (SyncCBN); ``on_backward`` (optional) is called when the backward runs.
     """
 
     @staticmethod
-    def forward(ctx, y, weight, bias, mean, invstd, var, eps, counts, kernels, all_reduce=None):
+    def forward(ctx, y, weight, bias, mean, invstd, var, eps, counts, kernels, all_reduce=None,
+                on_backward=None):
         out = kernels.normalize(y, weight, bias, mean, invstd, var, eps)
         ctx.save_for_backward(y, weight, mean, invstd, *counts)
-        ctx.kernels, ctx.all_reduce = kernels, all_reduce
+        ctx.kernels, ctx.all_reduce, ctx.on_backward = kernels, all_reduce, on_backward
         return out
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.on_backward is not None:
+            ctx.on_backward()
         y, weight, mean, invstd, *counts = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         g = g.contiguous(memory_format=memory_format(y))
@@ -195,7 +244,7 @@ class CountNormalize(torch.autograd.Function):
         if weight is not None:
             grad_w = grad_w.to(weight.dtype) if needs[1] else None
             grad_b = grad_b.to(weight.dtype) if needs[2] else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 def non_finite(a: Tensor, b: Optional[Tensor] = None) -> Tensor:

@@ -11,13 +11,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import kernels
 from .conv_trace import find_producing_conv
-from .functional import CountNormalize, non_finite, pool, weight_derivatives, window_factors
+from .functional import CountNormalize, derivatives, exact_fp32, non_finite, pool, window_factors
 from .kernels import stats_dtype
 from .window import LEGACY_BUFFERS, RingWindow, adapt_state, register_buffers
 
 # Window state saved in the state_dict next to BN's own buffers: see window.py for the layout.
-STATE_BUFFERS = ('cbn_moments', 'cbn_proj', 'cbn_dmu', 'cbn_dnu', 'cbn_valid', 'cbn_head',
-                 'cbn_step', 'cbn_skipped')
+STATE_BUFFERS = ('cbn_moments', 'cbn_proj', 'cbn_deriv', 'cbn_valid', 'cbn_head', 'cbn_step',
+                 'cbn_skipped')
 # More calls than this in one step (no backward, no update in between) are taken as new steps.
 MAX_CALLS_PER_STEP = 16
 
@@ -89,6 +89,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     cbn_nu = property(lambda self: _row(self.cbn_moments, 1))
     cbn_wmu = property(lambda self: _row(self.cbn_proj, 0))
     cbn_wnu = property(lambda self: _row(self.cbn_proj, 1))
+    cbn_dnu = property(lambda self: self.cbn_deriv[:, :self.num_features] if self.cbn_deriv.dim() == 4 else self.cbn_deriv)
+    cbn_dmu = property(lambda self: self.cbn_deriv[:, self.num_features:] if self.cbn_deriv.dim() == 4 else self.cbn_deriv)
 
     # ------------------------------------------------------------------ host-side bookkeeping
     def _reset_host_state(self):
@@ -100,6 +102,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._signature = None                     # parameter versions at the last call
         self._replay: list = []                    # per call of this step, for recomputation
         self._warned = False
+        self._work: dict = {}                      # scratch tensors, see _scratch
 
     def reset_window(self):
         """Forget the stored iterations (the step counter and running statistics are kept)."""
@@ -130,25 +133,27 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                           'call as a new training step. Call backward() per step, or run such '
                           'passes under torch.no_grad().')
             self._backward_seen = True
+        host = self.__dict__  # plain attributes: skip nn.Module.__setattr__ on this hot path
         if self._backward_seen or signature != self._signature or not grads_flow:
-            self._step += 1
+            host['_step'] = self._step + 1
             self.cbn_step.fill_(self._step)
-            self._calls = 0
-            self._replay = []
-            self._backward_seen = False
-        self._signature = signature
-        self._calls += 1
+            host.update(_calls=0, _replay=[], _backward_seen=False)
+        host.update(_signature=signature, _calls=self._calls + 1)
         return self._calls - 1
 
     def _watch_backward(self, out: Tensor):
         if out.requires_grad:
-            ref = weakref.ref(self)
+            out.register_hook(self._backward_marker())
 
-            def _seen(_grad):
-                mod = ref()
-                if mod is not None:
-                    mod._backward_seen = True
-            out.register_hook(_seen)
+    def _backward_marker(self):
+        """A callable that records (weakly) that a backward pass reached this layer."""
+        ref = weakref.ref(self)
+
+        def _seen(*_):
+            mod = ref()
+            if mod is not None:
+                mod.__dict__['_backward_seen'] = True
+        return _seen
 
     # ------------------------------------------------------------------ forward
     def forward(self, y: Tensor) -> Tensor:
@@ -177,10 +182,22 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return False
 
     def _moments(self, y: Tensor, rec, w, kern):
-        """This iteration's (mu, nu) as (2, C), their weight derivatives (or None) and the
-        element count ``m`` (an int; SyncCBN: a 0-d tensor, the total over processes)."""
-        return (kern.moments(y), weight_derivatives(rec, y) if w is not None else None,
-                y.numel() // self.num_features)
+        """This iteration's (mu, nu) as (2, C), their weight derivatives (C + G, K) or None, and
+        the element count ``m`` (an int; SyncCBN: a 0-d tensor, the total over processes)."""
+        moments = kern.moments(y, out=self._scratch('moments', (2, self.num_features), y))
+        derivs = None
+        if w is not None:
+            rows = self.num_features + rec.groups
+            derivs = derivatives(rec, y, out=self._scratch('deriv', (rows, w.shape[1]), y))
+        return moments, derivs, y.numel() // self.num_features
+
+    def _scratch(self, name: str, shape, like: Tensor) -> Tensor:
+        """A per-layer work tensor reused across calls (its contents live for one call)."""
+        key = (name, tuple(shape), stats_dtype(like.dtype), like.device)
+        buf = self._work.get(key)
+        if buf is None:
+            buf = self._work[key] = torch.empty(shape, dtype=key[2], device=like.device)
+        return buf
 
     def _grad_reducer(self):
         return None
@@ -221,7 +238,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                           'stored statistics are averaged without weight compensation.')
         kern = kernels.select(y)
         w = self._compensation_weight(rec) if stream is not None else None
-        with torch.no_grad(), torch.autocast(y.device.type, enabled=False):
+        with torch.no_grad(), exact_fp32(y.device.type):
             moments, derivs, m = self._moments(y, rec, w, kern)
             proj = None
             if stream is None:
@@ -231,12 +248,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 stats[1].addcmul_(stats[0], stats[0], value=-1).clamp_min_(0)
             else:
                 self.ring.ensure(stream, self.num_features, moments.dtype, moments.device)
-                past, valid, proj = self.ring.stored(stream, w, derivs)
+                past, valid, proj = self.ring.stored(stream, w, derivs, kern)
                 nvalid = valid.sum()
                 row, int_counts = self._factors(nvalid, m, moments.dtype, moments.device)
                 stats = pool(moments, past, valid, row[0])
                 if self.probe is not None and stream == 0:
-                    self._record_probe(moments, self.ring.stored(stream, None, None)[0], valid, stats)
+                    self._record_probe(moments, self.ring.stored(stream, None, None, kern)[0],
+                                       valid, stats)
             mean, var = stats[0], stats[1]
             invstd = (var + self.eps).rsqrt()
             bad = non_finite(stats, proj)
@@ -248,10 +266,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._update_running(stats, row, bad)
             counts = kern.counts(row, int_counts, nvalid)
             self._replay.append((mean, invstd, var, counts))
-        out = CountNormalize.apply(y, self.weight, self.bias, mean, invstd, var, self.eps, counts,
-                                   kern, self._grad_reducer())
-        self._watch_backward(out)
-        return out
+        return CountNormalize.apply(y, self.weight, self.bias, mean, invstd, var, self.eps, counts,
+                                    kern, self._grad_reducer(), self._backward_marker())
 
     def _record_probe(self, moments, past, valid, stats):
         """For statistics studies: the mean/var that BN (this batch), plain averaging of the
@@ -281,7 +297,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if not self.track_running_stats:
             return
         self.num_batches_tracked.add_(1)
-        self._tracked += 1
+        self.__dict__['_tracked'] = self._tracked + 1
         factor = self.momentum if self.momentum is not None else 1.0 / self._tracked
         pair = self._running_pair()
         new = (stats * row[1:3, None]).to(pair.dtype)
@@ -305,8 +321,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             out = F.batch_norm(y, None, None, self.weight, self.bias, True, 0.0, self.eps)
         else:
             mean, invstd, var, counts = saved
-            out = CountNormalize.apply(y, self.weight, self.bias, mean, invstd, var, self.eps,
-                                       counts, kernels.select(y), self._grad_reducer())
+            return CountNormalize.apply(y, self.weight, self.bias, mean, invstd, var, self.eps,
+                                        counts, kernels.select(y), self._grad_reducer(),
+                                        self._backward_marker())
         self._watch_backward(out)
         return out
 

@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .functional import weight_derivatives
+from .functional import derivatives
 from .layer import CrossIterationBatchNorm2d
 
 
@@ -38,8 +38,8 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
         moments = kern.moments(y)
         parts = [moments.new_full((1,), float(m)), (moments * m).view(-1)]
         if w is not None:
-            dmu, dnu = weight_derivatives(rec, y, normalize=False)
-            parts += [dmu.view(-1), dnu.view(-1)]
+            derivs = derivatives(rec, y, normalize=False)
+            parts.append(derivs.view(-1))
         flat = torch.cat(parts)
         dist.all_reduce(flat, group=self.process_group)
         total = flat[0]
@@ -47,11 +47,9 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
         # layer treats a zero total count like a non-finite batch)
         flat = flat[1:] / total.clamp_min(1)
         moments = flat[:moments.numel()].view_as(moments)
-        derivs = None
         if w is not None:
-            rest = flat[moments.numel():]
-            derivs = (rest[:dmu.numel()].view_as(dmu), rest[dmu.numel():].view_as(dnu))
-        return moments, derivs, total
+            derivs = flat[moments.numel():].view_as(derivs)
+        return moments, derivs if w is not None else None, total
 
     def _grad_reducer(self):
         if not self._collective():

@@ -5,12 +5,12 @@ The tensors live in the owning module's buffers (so they are in its state_dict a
 Per stream ``s`` (the i-th call of a step; a head shared across FPN levels has several) and
 slot ``e`` (``E = window - 1`` slots, ``head[s]`` is the oldest, overwritten next):
 
-    cbn_moments (S, E, 2, C)  (mu, nu) of the stored iteration
-    cbn_proj    (S, E, 2, C)  <d mu/dW, W_s>, <d nu/dW, W_s>: its weight snapshot as the
-                              compensation uses it (no weight-sized copy of W_s is kept)
-    cbn_dmu     (S, G, E, K)  d mu/dW per conv group (K = C_in/groups * kh * kw)
-    cbn_dnu     (S, C, E, K)  d nu/dW per channel
-    cbn_valid   (S, E) bool   the slot holds a finite iteration
+    cbn_moments (S, E, 2, C)    (mu, nu) of the stored iteration
+    cbn_proj    (S, E, 2, C)    <d mu/dW, W_s>, <d nu/dW, W_s>: its weight snapshot as the
+                                compensation uses it (no weight-sized copy of W_s is kept)
+    cbn_deriv   (S, C+G, E, K)  d nu/dW per channel (rows 0..C-1), then d mu/dW per conv group
+                                (K = C_in/groups * kh * kw): one tensor, one product for both
+    cbn_valid   (S, E) bool     the slot holds a finite iteration
     cbn_head    (S,)          next slot to overwrite (kept on the host, written at save time)
 """
 import warnings
@@ -21,10 +21,10 @@ from torch import Tensor
 
 from .functional import compensation_terms
 
-FLOAT_BUFFERS = ('cbn_moments', 'cbn_proj', 'cbn_dmu', 'cbn_dnu')
+FLOAT_BUFFERS = ('cbn_moments', 'cbn_proj', 'cbn_deriv')
 BUFFERS = FLOAT_BUFFERS + ('cbn_valid', 'cbn_head')
-# The layout before 2026-11-29: separate (S, E, C) buffers per moment, float validity.
-LEGACY_BUFFERS = ('cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu')
+# The layout before 2026-11-29: separate (S, E, C) buffers per moment and derivative, float validity.
+LEGACY_BUFFERS = ('cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu', 'cbn_dmu', 'cbn_dnu')
 
 
 def register_buffers(module, device=None, dtype=None):
@@ -76,43 +76,40 @@ class RingWindow:
         mod.cbn_proj = grown(mod.cbn_proj, (e, 2, c), dtype)
         mod.cbn_valid = grown(mod.cbn_valid, (e,), torch.bool)
         mod.cbn_head = grown(mod.cbn_head, (), torch.long)
-        if mod.cbn_dnu.dim() == 4:
-            mod.cbn_dmu = grown(mod.cbn_dmu, mod.cbn_dmu.shape[1:], dtype)
-            mod.cbn_dnu = grown(mod.cbn_dnu, mod.cbn_dnu.shape[1:], dtype)
+        if mod.cbn_deriv.dim() == 4:
+            mod.cbn_deriv = grown(mod.cbn_deriv, mod.cbn_deriv.shape[1:], dtype)
         self.heads += [0] * grow
 
-    def has_derivatives(self, k: int) -> bool:
-        return self.module.cbn_dnu.dim() == 4 and self.module.cbn_dnu.shape[-1] == k
+    def has_derivatives(self, rows: int, k: int) -> bool:
+        d = self.module.cbn_deriv
+        return d.dim() == 4 and d.shape[1] == rows and d.shape[-1] == k
 
-    def _ensure_derivatives(self, groups: int, k: int):
+    def _ensure_derivatives(self, rows: int, k: int):
         mod = self.module
-        if mod.cbn_dnu.dim() == 4:
-            if mod.cbn_dnu.shape[-1] == k and mod.cbn_dmu.shape[1] == groups:
+        if mod.cbn_deriv.dim() == 4:
+            if self.has_derivatives(rows, k):
                 return
             raise RuntimeError(f'{mod._name()}: the producing conv changed shape (stored '
-                               f'K={mod.cbn_dnu.shape[-1]}, now {k}); call reset_window()')
-        s, e, _, c = mod.cbn_moments.shape
-        kw = dict(dtype=mod.cbn_moments.dtype, device=mod.cbn_moments.device)
-        mod.cbn_dmu = torch.zeros(s, groups, e, k, **kw)
-        mod.cbn_dnu = torch.zeros(s, c, e, k, **kw)
+                               f'{tuple(mod.cbn_deriv.shape[1::2])}, now {(rows, k)}); call reset_window()')
+        s, e = mod.cbn_moments.shape[:2]
+        mod.cbn_deriv = torch.zeros(s, rows, e, k, dtype=mod.cbn_moments.dtype,
+                                    device=mod.cbn_moments.device)
 
-    def stored(self, stream: int, w: Optional[Tensor], derivs) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    def stored(self, stream: int, w: Optional[Tensor], derivs: Optional[Tensor], kern
+               ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """The stream's stored moments compensated to the current weight ``w`` (E, 2, C), their
-        validity (E,), and the projections of the current ``derivs`` on ``w`` (2, C) or None.
-
-        One batched product projects the stored derivatives and the current ones together.
+        validity (E,), and the projections of the current ``derivs`` (C + G, K) on ``w`` (2, C)
+        or None. One product projects the stored derivatives and the current ones together.
         """
         mod = self.module
         moments, valid = mod.cbn_moments[stream], mod.cbn_valid[stream]
-        current = [] if derivs is None else [(derivs[0][:, None], derivs[1][:, None])]
-        if w is None or not self.has_derivatives(w.shape[1]):
-            if derivs is None:
+        if w is None or not self.has_derivatives(*derivs.shape if derivs is not None else (-1, -1)):
+            if derivs is None or w is None:
                 return moments, valid, None
-            return moments, valid, compensation_terms([current[0][0]], [current[0][1]], w)[0]
-        p = compensation_terms([mod.cbn_dmu[stream]] + [c[0] for c in current],
-                               [mod.cbn_dnu[stream]] + [c[1] for c in current], w)
+            return moments, valid, compensation_terms(derivs[:, None], w, kern)[0]
+        p = compensation_terms(torch.cat((mod.cbn_deriv[stream], derivs[:, None]), 1), w, kern)
         e = self.slots
-        return moments + (p[:e] - mod.cbn_proj[stream]), valid, p[e] if derivs is not None else None
+        return moments + (p[:e] - mod.cbn_proj[stream]), valid, p[e]
 
     def push(self, stream: int, moments: Tensor, derivs, proj: Optional[Tensor], bad: Tensor):
         """Store this iteration in the stream's oldest slot; it counts only when not ``bad``
@@ -122,13 +119,12 @@ class RingWindow:
         mod.cbn_moments[stream, h].copy_(moments)
         torch.logical_not(bad, out=mod.cbn_valid[stream, h])
         if derivs is not None:
-            self._ensure_derivatives(derivs[0].shape[0], derivs[0].shape[1])
-            mod.cbn_dmu[stream, :, h].copy_(derivs[0])
-            mod.cbn_dnu[stream, :, h].copy_(derivs[1])
+            self._ensure_derivatives(*derivs.shape)
+            mod.cbn_deriv[stream, :, h].copy_(derivs)
             mod.cbn_proj[stream, h].copy_(proj)
-        elif mod.cbn_dnu.dim() == 4:  # no compensation for this slot
-            for buf in (mod.cbn_dmu[stream, :, h], mod.cbn_dnu[stream, :, h], mod.cbn_proj[stream, h]):
-                buf.zero_()
+        elif mod.cbn_deriv.dim() == 4:  # no compensation for this slot
+            mod.cbn_deriv[stream, :, h].zero_()
+            mod.cbn_proj[stream, h].zero_()
         self.heads[stream] = (h + 1) % self.slots
 
     def sync(self):
@@ -147,13 +143,14 @@ def adapt_state(state_dict, prefix: str, window: int, name: str) -> Optional[str
     key = prefix.__add__
     msg = None
     if key('cbn_mu') in state_dict:  # legacy layout: (S, E, C) per moment, float validity
-        mu, nu, wmu, wnu = (state_dict.pop(key(n)) for n in LEGACY_BUFFERS)
+        mu, nu, wmu, wnu, dmu, dnu = (state_dict.pop(key(n)) for n in LEGACY_BUFFERS)
         if mu.dim() == 3:
             state_dict[key('cbn_moments')] = torch.stack((mu, nu), 2)
             state_dict[key('cbn_proj')] = torch.stack((wmu, wnu), 2)
         else:
             state_dict[key('cbn_moments')] = mu
             state_dict[key('cbn_proj')] = wmu
+        state_dict[key('cbn_deriv')] = torch.cat((dnu, dmu), 1) if dnu.dim() == 4 else dnu
         state_dict[key('cbn_valid')] = state_dict[key('cbn_valid')] > 0
         msg = f'{name}: converted a window saved in the legacy layout'
     moments = state_dict.get(key('cbn_moments'))
@@ -166,7 +163,7 @@ def adapt_state(state_dict, prefix: str, window: int, name: str) -> Optional[str
     # per stream, slot indices from oldest to newest; keep the newest `keep`
     order = torch.tensor([[(h + i) % e_old for i in range(e_old)][e_old - keep:] for h in head],
                          dtype=torch.long)
-    has_d = state_dict.get(key('cbn_dnu')) is not None and state_dict[key('cbn_dnu')].dim() == 4
+    has_d = state_dict.get(key('cbn_deriv')) is not None and state_dict[key('cbn_deriv')].dim() == 4
 
     def take(t, dim):
         idx = order.view((s,) + (1,) * (dim - 1) + (keep,) + (1,) * (t.dim() - dim - 1))
@@ -177,8 +174,7 @@ def adapt_state(state_dict, prefix: str, window: int, name: str) -> Optional[str
     for n in ('cbn_moments', 'cbn_proj', 'cbn_valid'):
         state_dict[key(n)] = take(state_dict[key(n)], 1)
     if has_d:
-        for n in ('cbn_dmu', 'cbn_dnu'):
-            state_dict[key(n)] = take(state_dict[key(n)], 2)
+        state_dict[key('cbn_deriv')] = take(state_dict[key('cbn_deriv')], 2)
     state_dict[key('cbn_head')] = torch.full((s,), keep % e_new if e_new else 0, dtype=torch.long)
     what = (f'{name}: the saved window holds {e_old} stored iterations, this layer keeps '
             f'{e_new} (window={window}); kept the newest {keep}')

@@ -7,7 +7,8 @@ This is an emulation, not the GPU. Each kernel follows what torch's CUDA impleme
 ``[N, C, -1]`` that rejects empty inputs (PyTorch issue #36530), the int32 ``count`` whose SUM is
 the divisor, the memory format of the outputs, and the dtype checks that raise. Arithmetic runs
 in the accumulation dtype (float32 for fp16/bf16/fp32 inputs, float64 for float64), as on the
-GPU; only the summation order differs (Welford / tree reductions there).
+GPU, except the moments: Welford's update is exact for a constant channel (mean = the value,
+variance 0), which a float64 corrected two-pass reproduces; summation orders differ.
 
 ``emulated_cuda_kernels()`` registers them as the CPU kernels of those ATen ops and makes
 ``cbn_mmdet.cbn.kernels.select`` pick the fused set for CPU tensors; leaving it restores both.
@@ -62,9 +63,11 @@ def update_stats(x, running_mean, running_var, momentum):
     """``batch_norm_update_stats``: mean and biased variance in the accumulation dtype."""
     acc = _acc(x.dtype)
     _record('batch_norm_update_stats', x)
-    xr = _packed(x).to(acc)
+    xr = _packed(x).to(torch.float64)
     mean = xr.mean((0, 2))
-    var = (xr - _ch(mean)).square().mean((0, 2))
+    mean = mean + (xr - _ch(mean)).mean((0, 2))  # corrected two-pass: a constant channel gives
+    var = (xr - _ch(mean)).square().mean((0, 2))  # its value and variance 0 exactly, as Welford
+    mean, var = mean.to(acc), var.to(acc)
     if running_mean is not None:
         n = xr.shape[0] * xr.shape[2]
         running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)

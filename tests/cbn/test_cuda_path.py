@@ -182,21 +182,21 @@ def test_autocast_compensation_term_keeps_float32_precision(dtype):
     match float64 to float32 accuracy (a half-precision matmul loses all of it)."""
     torch.manual_seed(0)
     c, k, e = 64, 576, 3
-    dmu, dnu = torch.randn(1, e, k), torch.randn(c, e, k) * 3 + 1
+    d = torch.cat((torch.randn(c, e, k) * 3 + 1, torch.randn(1, e, k)))  # d nu/dW rows, d mu/dW
     w_s = torch.randn(c, k) * 0.05
     w_t = w_s + torch.randn(c, k) * 0.05 * 1e-3
     with torch.autocast('cpu', dtype=dtype):
-        comp = compensation_terms([dmu], [dnu], w_t) - compensation_terms([dmu], [dnu], w_s)
-    exact = (compensation_terms([dmu.double()], [dnu.double()], w_t.double())
-             - compensation_terms([dmu.double()], [dnu.double()], w_s.double()))
+        comp = compensation_terms(d, w_t) - compensation_terms(d, w_s)
+    exact = compensation_terms(d.double(), w_t.double()) - compensation_terms(d.double(), w_s.double())
     assert comp.dtype == torch.float32
     err = ((comp.double() - exact).abs() / exact.abs().clamp_min(1e-12)).median()
     assert err < 1e-3, err
 
 
 class _TF32(TorchDispatchMode):
-    """Emulates TF32 matmuls: float32 operands of mm/bmm/addmm/baddbmm rounded to 10 mantissa
-    bits (what ``set_float32_matmul_precision('high')`` does on Ampere and newer GPUs)."""
+    """Emulates TF32 matmuls: while ``torch.get_float32_matmul_precision()`` is not 'highest',
+    float32 operands of mm/bmm/addmm/baddbmm are rounded to 10 mantissa bits (what 'high' does
+    on Ampere and newer GPUs)."""
     OPS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
            torch.ops.aten.baddbmm.default}
 
@@ -212,14 +212,15 @@ class _TF32(TorchDispatchMode):
         return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).view(t.shape)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.OPS:
+        if func in self.OPS and torch.get_float32_matmul_precision() != 'highest':
             self.rounded += any(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args)
             args = tuple(self._round(a) for a in args)
         return func(*args, **(kwargs or {}))
 
 
-def test_tf32_matmul_precision_cannot_touch_the_statistics():
-    """Everything CBN computes is the same with float32 matmuls rounded as TF32 rounds them."""
+def test_tf32_matmul_precision_cannot_touch_the_statistics(kernel_set):
+    """With ``set_float32_matmul_precision('high')`` (TF32), everything CBN computes is the same:
+    its float32 matmuls run in full precision."""
     conv, layer = _conv_layer(c_in=8, c=16, window=4)
     xs = [torch.randn(2, 8, 12, 12) * 2 + 1 for _ in range(6)]
     ref_conv, ref_layer = copy.deepcopy(conv), copy.deepcopy(layer)
@@ -227,33 +228,44 @@ def test_tf32_matmul_precision_cannot_touch_the_statistics():
     mode = _TF32()
     outs = []
     opt = torch.optim.SGD([*conv.parameters(), *layer.parameters()], lr=0.05)
+    prec = torch.get_float32_matmul_precision()
     for x in xs:
         y = conv(x)  # the conv itself is not under test
-        with mode:
-            out = layer(y)
+        torch.set_float32_matmul_precision('high')
+        try:
+            with mode:
+                out = layer(y)
+        finally:
+            torch.set_float32_matmul_precision(prec)
         opt.zero_grad()
         out.square().mean().backward()
         opt.step()
         outs.append(out.detach().double())
-    assert mode.rounded == 0, 'CBN ran a float32 matmul'
+    assert mode.rounded == 0, 'CBN ran a float32 matmul in TF32'
     for a, b in zip(outs, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert _TF32._round(torch.tensor([1.0 + 2 ** -12])).item() == 1.0  # the emulation rounds
+    torch.set_float32_matmul_precision('high')
+    try:
+        with mode:
+            torch.mm(torch.ones(2, 2), torch.ones(2, 2))
+    finally:
+        torch.set_float32_matmul_precision(prec)
+    assert mode.rounded == 1
 
 
 def test_non_finite_derivatives_never_enter_the_window(monkeypatch):
     conv, layer = _conv_layer()
-    real = cbn_functional.weight_derivatives
+    real = cbn_functional.derivatives
     calls = []
 
-    def poisoned(rec, y, normalize=True):
-        dmu, dnu = real(rec, y, normalize)
+    def poisoned(rec, y, normalize=True, out=None):
+        d = real(rec, y, normalize, out)
         calls.append(1)
         if len(calls) == 3:
-            dnu = dnu.clone()
-            dnu[0, 0] = float('inf')
-        return dmu, dnu
-    monkeypatch.setattr('cbn_mmdet.cbn.layer.weight_derivatives', poisoned)
+            d[0, 0] = float('inf')  # a d nu/dW entry
+        return d
+    monkeypatch.setattr('cbn_mmdet.cbn.layer.derivatives', poisoned)
     outs = _train(conv, layer, [torch.randn(2, 4, 6, 6) for _ in range(8)])
     assert layer.cbn_skipped.item() == 1
     assert all(torch.isfinite(o).all() for o in outs)
