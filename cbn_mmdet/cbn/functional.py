@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .conv_trace import ConvRecord
-from .kernels import PORTABLE, memory_format, stats_dtype
+from .kernels import memory_format, stats_dtype
 
 @contextlib.contextmanager
 def exact_fp32(device_type: str):
@@ -141,11 +141,11 @@ def weight_derivatives(rec: ConvRecord, y: Tensor, normalize: bool = True) -> Tu
     return d[y.shape[1]:], d[:y.shape[1]]
 
 
-def compensation_terms(derivs: Tensor, weight: Tensor, kern=PORTABLE) -> Tensor:
+def compensation_terms(derivs: Tensor, weight: Tensor) -> Tensor:
     """``<d mu/dW[g(j)], W[j]>`` and ``<d nu/dW[j], W[j]>`` per channel ``j`` and slot: (E, 2, C).
 
-    derivs: (C + G, E, K) in the layout of :func:`derivatives` (E slots), weight: (C, K). A
-    row-by-row product for ``nu`` (``kern.rowdot``) and one small matmul for ``mu`` (its
+    derivs: (C + G, E, K) in the layout of :func:`derivatives` (E slots), weight: (C, K). One
+    batched matrix-vector product for ``nu`` (per channel) and one small matmul for ``mu`` (its
     derivative is shared by the channels of a group), with autocast off and TF32 disabled (the
     compensation is a small difference of two such terms).
     """
@@ -153,9 +153,10 @@ def compensation_terms(derivs: Tensor, weight: Tensor, kern=PORTABLE) -> Tensor:
     g, e = derivs.shape[0] - c, derivs.shape[1]
     w = weight.to(derivs.dtype)
     with exact_fp32(w.device.type):
-        p_nu = kern.rowdot(derivs[:c], w.view(c, 1, k))                        # (C, E)
+        # w as (C, K, 1) with strides (K, 1, K): BLAS takes a fast path for it (not for (K, 1, 1))
+        p_nu = torch.bmm(derivs[:c], w.view(c, 1, k).transpose(1, 2))           # (C, E, 1)
         p_mu = torch.matmul(w.view(g, c // g, k), derivs[c:].transpose(1, 2))   # (G, C/G, E)
-    return torch.stack((p_mu.view(c, e), p_nu)).permute(2, 0, 1)
+    return torch.stack((p_mu.view(c, e), p_nu.view(c, e))).permute(2, 0, 1)
 
 
 def project(dmu: Tensor, dnu: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:

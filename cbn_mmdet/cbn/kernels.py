@@ -56,12 +56,6 @@ class PortableKernels:
 
 
     @staticmethod
-    def rowdot(d: Tensor, w: Tensor) -> Tensor:
-        """``(d * w).sum(-1)`` for d (..., R, K), w (..., 1, K): on CPU faster than many tiny
-        matrix-vector products, and exact in float32 whatever the matmul precision."""
-        return (d * w).sum(-1)
-
-    @staticmethod
     def normalize(y, weight, bias, mean, invstd, var, eps):
         """``(y - mean) * invstd * weight + bias`` in ``y``'s dtype: BN's eval kernel."""
         dt = mean.dtype
@@ -141,11 +135,6 @@ class FusedKernels:
         torch.addcmul(var, mean, mean, out=out[1])
         return out
 
-
-    @staticmethod
-    def rowdot(d: Tensor, w: Tensor) -> Tensor:
-        """One batched matrix-vector product, reading ``d`` once (callers disable TF32)."""
-        return torch.matmul(d, w.transpose(-1, -2)).squeeze(-1)
 
     @staticmethod
     def normalize(y, weight, bias, mean, invstd, var, eps):

@@ -156,6 +156,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return _seen
 
     # ------------------------------------------------------------------ forward
+    # Host-side bookkeeping and autograd-graph inspection cannot be traced: torch.compile runs
+    # the layer eagerly (one graph break per call) instead of recompiling it per layer shape.
+    @torch.compiler.disable
     def forward(self, y: Tensor) -> Tensor:
         self._check_input_dim(y)
         if not self.training:
@@ -248,12 +251,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 stats[1].addcmul_(stats[0], stats[0], value=-1).clamp_min_(0)
             else:
                 self.ring.ensure(stream, self.num_features, moments.dtype, moments.device)
-                past, valid, proj = self.ring.stored(stream, w, derivs, kern)
+                past, valid, proj = self.ring.stored(stream, w, derivs)
                 nvalid = valid.sum()
                 row, int_counts = self._factors(nvalid, m, moments.dtype, moments.device)
                 stats = pool(moments, past, valid, row[0])
                 if self.probe is not None and stream == 0:
-                    self._record_probe(moments, self.ring.stored(stream, None, None, kern)[0],
+                    self._record_probe(moments, self.ring.stored(stream, None, None)[0],
                                        valid, stats)
             mean, var = stats[0], stats[1]
             invstd = (var + self.eps).rsqrt()

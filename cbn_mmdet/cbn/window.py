@@ -95,7 +95,7 @@ class RingWindow:
         mod.cbn_deriv = torch.zeros(s, rows, e, k, dtype=mod.cbn_moments.dtype,
                                     device=mod.cbn_moments.device)
 
-    def stored(self, stream: int, w: Optional[Tensor], derivs: Optional[Tensor], kern
+    def stored(self, stream: int, w: Optional[Tensor], derivs: Optional[Tensor]
                ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """The stream's stored moments compensated to the current weight ``w`` (E, 2, C), their
         validity (E,), and the projections of the current ``derivs`` (C + G, K) on ``w`` (2, C)
@@ -106,8 +106,10 @@ class RingWindow:
         if w is None or not self.has_derivatives(*derivs.shape if derivs is not None else (-1, -1)):
             if derivs is None or w is None:
                 return moments, valid, None
-            return moments, valid, compensation_terms(derivs[:, None], w, kern)[0]
-        p = compensation_terms(torch.cat((mod.cbn_deriv[stream], derivs[:, None]), 1), w, kern)
+            return moments, valid, compensation_terms(derivs[:, None], w)[0]
+        stored = mod.cbn_deriv[stream]
+        both = mod._scratch('window', (stored.shape[0], stored.shape[1] + 1, stored.shape[2]), stored)
+        p = compensation_terms(torch.cat((stored, derivs[:, None]), 1, out=both), w)
         e = self.slots
         return moments + (p[:e] - mod.cbn_proj[stream]), valid, p[e]
 

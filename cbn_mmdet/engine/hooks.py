@@ -23,34 +23,55 @@ class CBNHook(Hook):
         burnin_epochs: when set, every CBN layer's ``burnin`` becomes this many epochs worth of
             iterations of *this* run: ``len(train_dataloader)`` already reflects the dataset
             length, the per-GPU batch size and the world size.
+        burnin_epochs_by_module: ``{module name prefix: epochs}`` overriding ``burnin_epochs``
+            for the CBN layers under that module (the longest matching prefix wins), e.g.
+            ``dict(backbone=0.05)`` for a short burn-in of a CBN backbone.
     """
 
     priority = 'VERY_HIGH'
 
-    def __init__(self, burnin_epochs: Optional[float] = None):
-        if burnin_epochs is not None and (isinstance(burnin_epochs, bool)
-                                          or not isinstance(burnin_epochs, (int, float))):
-            raise ValueError(f'CBNHook option `burnin_epochs` must be a number >= 0 or None, '
-                             f'got {burnin_epochs!r}')
-        if burnin_epochs is not None:
-            burnin_iterations(burnin_epochs, 1)  # validates the sign
+    def __init__(self, burnin_epochs: Optional[float] = None,
+                 burnin_epochs_by_module: Optional[dict] = None):
+        for name, value in [('burnin_epochs', burnin_epochs)] + [
+                (f'burnin_epochs_by_module[{k!r}]', v) for k, v in (burnin_epochs_by_module or {}).items()]:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or value < 0):
+                raise ValueError(f'CBNHook option `{name}` must be a number >= 0 or None, '
+                                 f'got {value!r}')
+        if burnin_epochs_by_module is not None and (
+                not isinstance(burnin_epochs_by_module, dict)
+                or not all(isinstance(k, str) and k for k in burnin_epochs_by_module)):
+            raise ValueError('CBNHook option `burnin_epochs_by_module` must be a dict of module '
+                             f'name prefixes to epochs, got {burnin_epochs_by_module!r}')
         self.burnin_epochs = burnin_epochs
+        self.by_module = dict(burnin_epochs_by_module or {})
+
+    def _epochs_for(self, name: str) -> Optional[float]:
+        hits = [p for p in self.by_module if name == p or name.startswith(p + '.')]
+        return self.by_module[max(hits, key=len)] if hits else self.burnin_epochs
 
     def before_train(self, runner) -> None:
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        layers = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+        named = [(n, m) for n, m in model.named_modules() if isinstance(m, CrossIterationBatchNorm2d)]
+        layers = [m for _, m in named]
         name_cbn_layers(model)
         if not layers:
             runner.logger.warning('CBNHook: the model has no CBN layer')
             return
         msg = f'CBNHook: {len(layers)} CBN layers'
-        if self.burnin_epochs is not None:
-            iters = burnin_iterations(self.burnin_epochs, len(runner.train_dataloader))
-            for m in layers:
-                m.burnin = iters
-            msg += (f'; burn-in {self.burnin_epochs} epochs = {iters} iterations '
-                    f'({len(runner.train_dataloader)} iterations per epoch on each of '
-                    f'{runner.world_size} processes)')
+        per_epoch = len(runner.train_dataloader)
+        groups = {}
+        for name, m in named:
+            epochs = self._epochs_for(name)
+            if epochs is not None:
+                m.burnin = burnin_iterations(epochs, per_epoch)
+                groups.setdefault(epochs, []).append(name)
+        for epochs, names in sorted(groups.items()):
+            where = '' if len(groups) == 1 else f' for {len(names)} layers ({names[0]}, ...)'
+            msg += (f'; burn-in {epochs} epochs = {burnin_iterations(epochs, per_epoch)} '
+                    f'iterations{where}')
+        if groups:
+            msg += f' ({per_epoch} iterations per epoch on each of {runner.world_size} processes)'
         windows = sorted({m.window for m in layers})
         msg += f'; window {windows}; steps already seen by the first layer: {layers[0]._step}'
         runner.logger.info(msg)

@@ -4,4 +4,10 @@
 _base_ = './faster-rcnn_r50_fpn_cbn_4xb4-1x_coco.py'
 
 train_dataloader = dict(batch_size=1)
+auto_scale_lr = dict(base_batch_size=4)  # the total batch of this lr
 optim_wrapper = dict(optimizer=dict(lr=0.005))
+# CBN pools about 16 images, as window 4 does at 4 images per GPU: window 16 at 1 image
+# per GPU (window 4 would pool only 4).
+model = dict(
+    neck=dict(norm_cfg=dict(window=16)),
+    roi_head=dict(bbox_head=dict(norm_cfg=dict(window=16))))

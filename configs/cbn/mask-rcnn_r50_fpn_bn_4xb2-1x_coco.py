@@ -4,4 +4,5 @@
 _base_ = './mask-rcnn_r50_fpn_bn_4xb4-1x_coco.py'
 
 train_dataloader = dict(batch_size=2)
+auto_scale_lr = dict(base_batch_size=8)  # the total batch of this lr
 optim_wrapper = dict(optimizer=dict(lr=0.01))

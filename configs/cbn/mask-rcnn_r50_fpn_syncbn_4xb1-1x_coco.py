@@ -4,4 +4,5 @@
 _base_ = './mask-rcnn_r50_fpn_syncbn_4xb4-1x_coco.py'
 
 train_dataloader = dict(batch_size=1)
+auto_scale_lr = dict(base_batch_size=4)  # the total batch of this lr
 optim_wrapper = dict(optimizer=dict(lr=0.005))

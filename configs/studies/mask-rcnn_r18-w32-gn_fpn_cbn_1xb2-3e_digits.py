@@ -12,6 +12,7 @@ model = dict(
     roi_head=dict(bbox_head=dict(norm_cfg=norm_cfg), mask_head=dict(norm_cfg=norm_cfg)))
 train_dataloader = dict(batch_size=2, dataset=dict(indices=600))
 optim_wrapper = dict(optimizer=dict(lr=0.01))
+auto_scale_lr = dict(base_batch_size=2)  # the total batch of this lr
 max_epochs = 3
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 param_scheduler = [

@@ -7,6 +7,7 @@ _base_ = '../quickstart/mask-rcnn_r18-w32_fpn_cbn_1xb8-8e_digits.py'
 
 train_dataloader = dict(batch_size=2)
 optim_wrapper = dict(optimizer=dict(lr=0.01))
+auto_scale_lr = dict(base_batch_size=2)  # the total batch of this lr
 max_epochs = 2
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 param_scheduler = [

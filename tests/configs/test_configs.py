@@ -57,8 +57,33 @@ def test_config_loads_and_builds_without_network(config):
         backbone_cbn = any(isinstance(x, CrossIterationBatchNorm2d) for x in model.backbone.modules())
         assert backbone_cbn is (norm == 'cbn-all')
         if norm.startswith('cbn'):
-            assert {'type': 'CBNHook', 'burnin_epochs': 8} in cfg.custom_hooks
+            hook = [h for h in cfg.custom_hooks if h['type'] == 'CBNHook']
+            assert len(hook) == 1 and hook[0]['burnin_epochs'] == 8
+            by_module = hook[0].get('burnin_epochs_by_module')
+            assert by_module == (dict(backbone=0.05) if norm == 'cbn-all' and per_gpu < 4 else None)
             assert 'cbn_mmdet' in cfg.custom_imports.imports
+            # about 16 images pooled per window: window 4 / 8 / 16 at 4 / 2 / 1 images per GPU
+            windows = {x.window for x in model.modules() if isinstance(x, CrossIterationBatchNorm2d)}
+            assert windows == {16 // per_gpu}
+
+
+@pytest.mark.parametrize('config', CONFIGS)
+def test_lr_bookkeeping_and_optimization_recipe(config):
+    """auto_scale_lr's base_batch_size is the total batch (GPUs x images, from the name) that
+    the config's lr is set for, so --auto-scale-lr keeps the lr on the intended setup; the paper
+    configs use the release's recipe: clipping at L2 norm 35, warmup from lr/3 over 500 iterations."""
+    cfg = Config.fromfile(osp.join(ROOT, config))
+    gpus, per_gpu = map(int, re.search(r'_(\d+)xb(\d+)', osp.basename(config)).groups())
+    assert cfg.train_dataloader.batch_size == per_gpu
+    assert cfg.auto_scale_lr.base_batch_size == gpus * per_gpu
+    if config in PAPER:
+        assert cfg.optim_wrapper.optimizer.lr == pytest.approx(0.02 * gpus * per_gpu / 16)
+        assert cfg.optim_wrapper.clip_grad == dict(max_norm=35, norm_type=2)
+        warmup, steps = cfg.param_scheduler
+        assert warmup == dict(type='LinearLR', start_factor=pytest.approx(1 / 3), by_epoch=False,
+                              begin=0, end=500)
+        assert steps['type'] == 'MultiStepLR' and steps['milestones'] == [8, 11]
+        assert cfg.train_cfg.max_epochs == 12
 
 
 @pytest.fixture(scope='module')

@@ -9,7 +9,8 @@ training step of conv3x3 + norm (forward + backward, the 6th step, window full) 
 view), minus the ops of conv + identity + the same loss. Device-independent apart from the
 kernel set (fused CUDA kernels vs portable ops): with ``--device cuda`` the CUDA branch is
 counted and timed. On CPU ``--emulate-cuda`` counts the CUDA branch through the tests' CPU
-emulations of the fused kernels. Time: median of ``--iters`` steps (forward, backward, SGD).
+emulations of the fused kernels. Time: median of ``--iters`` steps (forward, backward, SGD),
+the norms interleaved step by step.
 """
 import argparse
 import collections
@@ -85,22 +86,28 @@ def count_ops(kind, device, shape=COUNT_SHAPE):
     return counter.ops
 
 
-def time_step(kind, device, shape, iters):
-    model = _model(kind, shape, device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+def time_steps(kinds, device, shape, iters):
+    """Median ms per training step of each kind, the kinds interleaved step by step (so that
+    drifts of the machine's speed hit all of them alike)."""
+    setups = {}
     x = torch.randn(shape, device=device)
-    for _ in range(5):
-        _step(model, opt, x)
-    times = []
+    for kind in kinds:
+        model = _model(kind, shape, device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for _ in range(5):
+            _step(model, opt, x)
+        setups[kind] = (model, opt)
+    times = {k: [] for k in kinds}
     for _ in range(iters):
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        _step(model, opt, x)
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+        for kind, (model, opt) in setups.items():
+            if device == 'cuda':
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            _step(model, opt, x)
+            if device == 'cuda':
+                torch.cuda.synchronize()
+            times[kind].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def main():
@@ -136,7 +143,7 @@ def main():
     if ctx is None:
         for shape in SHAPES:
             key = 'x'.join(map(str, shape))
-            result['ms'][key] = {k: time_step(k, args.device, shape, args.iters) for k in kinds}
+            result['ms'][key] = time_steps(kinds, args.device, shape, args.iters)
     else:
         ctx.__exit__(None, None, None)
     header = f'{"":>12}' + ''.join(f'{k:>16}' for k in kinds)

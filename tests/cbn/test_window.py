@@ -1,0 +1,119 @@
+"""The window's ring buffer across checkpoints: another window size, the legacy layout, load_from."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cbn_mmdet.cbn import CrossIterationBatchNorm2d
+
+F64 = torch.float64
+
+
+def _pair(window):
+    torch.manual_seed(0)
+    return nn.Conv2d(3, 5, 3, padding=1).double(), CrossIterationBatchNorm2d(5, window=window).double()
+
+
+def _batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, 6, 6, generator=g, dtype=F64) for _ in range(n)]
+
+
+def _run(conv, layer, xs):
+    """Forward + backward without weight updates: every window size stores the same iterations."""
+    outs = []
+    for x in xs:
+        out = layer(conv(x))
+        out.sum().backward()
+        outs.append(out.detach())
+    return outs
+
+
+@pytest.mark.parametrize('new_window', [2, 3, 8])
+def test_loading_another_window_keeps_the_newest_iterations(new_window):
+    conv, saved_layer = _pair(4)
+    xs = _batches(9)
+    _run(conv, saved_layer, xs[:6])                      # 3 stored iterations, the ring wrapped
+    state = saved_layer.state_dict()
+
+    _, same = _pair(new_window)                          # the same run with the new window
+    _run(conv, same, xs[:6])
+    fresh = CrossIterationBatchNorm2d(5, window=new_window).double()
+    with pytest.warns(UserWarning, match=f'holds 3 stored iterations, this layer keeps '
+                                         f'{new_window - 1} .window={new_window}.; kept the newest'):
+        fresh.load_state_dict(state)
+    kept = min(3, new_window - 1)
+    assert fresh.cbn_valid.sum().item() == kept and fresh.cbn_moments.shape[1] == new_window - 1
+    if new_window <= 4:  # what a layer of that window holds after the same iterations
+        for k in ('cbn_moments', 'cbn_proj', 'cbn_deriv', 'cbn_valid'):  # in ring order
+            a, b = getattr(fresh, k), getattr(same, k)
+            dim = 2 if k == 'cbn_deriv' else 1
+            order = lambda t, h: torch.roll(t, -h, dim)  # noqa: E731  oldest first
+            torch.testing.assert_close(order(a, fresh.ring.heads[0]), order(b, same.ring.heads[0]), msg=k)
+    # it trains on: no IndexError, and pools exactly the kept iterations + the current one
+    ref = copy.deepcopy(same) if new_window <= 4 else copy.deepcopy(saved_layer)
+    torch.testing.assert_close(_run(conv, fresh, xs[6:7])[0], _run(conv, ref, xs[6:7])[0])
+    _run(conv, fresh, xs[7:])
+
+
+def test_same_window_loads_silently_and_continues_exactly():
+    conv, layer = _pair(4)
+    xs = _batches(8)
+    _run(conv, layer, xs[:5])
+    fresh = CrossIterationBatchNorm2d(5, window=4).double()
+    with warnings_as_errors():
+        fresh.load_state_dict(layer.state_dict())
+    for a, b in zip(_run(conv, fresh, xs[5:]), _run(conv, layer, xs[5:])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _legacy(state, c):
+    """The layout of earlier versions: (S, E, C) per moment and projection, float validity."""
+    old = {k: v for k, v in state.items() if k not in ('cbn_moments', 'cbn_proj', 'cbn_deriv')}
+    old['cbn_mu'], old['cbn_nu'] = state['cbn_moments'].unbind(2)
+    old['cbn_wmu'], old['cbn_wnu'] = state['cbn_proj'].unbind(2)
+    old['cbn_dnu'], old['cbn_dmu'] = state['cbn_deriv'][:, :c], state['cbn_deriv'][:, c:]
+    old['cbn_valid'] = state['cbn_valid'].to(F64)
+    return old
+
+
+def test_legacy_checkpoint_layout_converts():
+    conv, layer = _pair(4)
+    xs = _batches(8)
+    _run(conv, layer, xs[:5])
+    fresh = CrossIterationBatchNorm2d(5, window=4).double()
+    with pytest.warns(UserWarning, match='legacy layout'):
+        fresh.load_state_dict(_legacy(layer.state_dict(), 5))
+    for a, b in zip(_run(conv, fresh, xs[5:]), _run(conv, layer, xs[5:])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_load_from_checkpoint_adapts_the_window(tmp_path):
+    """mmengine's load_checkpoint (what `load_from` and tools/test.py use) goes through the
+    layer's own loading: the window is adapted and the run continues."""
+    from mmengine.runner.checkpoint import load_checkpoint
+    import cbn_mmdet  # noqa: F401  (safe loader for mmengine checkpoints)
+    conv, layer = _pair(4)
+    model = nn.Sequential(conv, layer)
+    xs = _batches(7)
+    _run(conv, layer, xs[:5])
+    path = tmp_path / 'ckpt.pth'
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)
+    target = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1).double(),
+                           CrossIterationBatchNorm2d(5, window=2).double())
+    with pytest.warns(UserWarning, match='kept the newest 1'):
+        load_checkpoint(target, str(path), map_location='cpu', strict=True)
+    assert target[1].cbn_valid.sum().item() == 1
+    _run(target[0], target[1], xs[5:])
+
+
+class warnings_as_errors:
+    def __enter__(self):
+        import warnings
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter('error')
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
