@@ -11,7 +11,7 @@ their operands to 10 bits, and the compensation is a small difference of two of 
 """
 import contextlib
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor

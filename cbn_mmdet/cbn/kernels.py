@@ -35,6 +35,20 @@ def _as(t: Optional[Tensor], dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
 
 
+def _reduce_then_elemt(kern, g, y, weight, mean, invstd, count, all_reduce, need_x, need_w,
+                       need_b):
+    """SyncBN's backward: per-channel reductions (summed over processes by ``all_reduce``),
+    then the elementwise input gradient over ``count`` elements."""
+    sum_dy, sum_dy_xmu, gw, gb = kern.backward_reduce(g, y, mean, invstd, weight, need_x, need_w,
+                                                      need_b)
+    gx = None
+    if need_x:
+        if all_reduce is not None:
+            sum_dy, sum_dy_xmu = all_reduce(sum_dy, sum_dy_xmu)
+        gx = kern.backward_elemt(g, y, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
+    return gx, gw, gb
+
+
 class PortableKernels:
     """Plain ATen ops; correct on any device, used on CPU."""
 
@@ -77,14 +91,8 @@ class PortableKernels:
         """``(grad_y, grad_weight, grad_bias)``; ``counts = (1/n, n*m)`` as 0-d tensors."""
         inv_n, count = counts
         if all_reduce is not None or y.numel() == 0:
-            sum_dy, sum_dy_xmu, gw, gb = cls.backward_reduce(g, y, mean, invstd, weight, need_x,
-                                                             need_w, need_b)
-            gx = None
-            if need_x:
-                if all_reduce is not None:
-                    sum_dy, sum_dy_xmu = all_reduce(sum_dy, sum_dy_xmu)
-                gx = cls.backward_elemt(g, y, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
-            return gx, gw, gb
+            return _reduce_then_elemt(cls, g, y, weight, mean, invstd, count, all_reduce,
+                                      need_x, need_w, need_b)
         # BN's own backward over this batch (m elements) with weight w/n is 1/n of the gradient
         # over n*m elements, less the part (1 - 1/n) * w * invstd * g that the batch-mean terms
         # do not scale: one fused pass plus one addcmul.
@@ -162,14 +170,8 @@ class FusedKernels:
     @classmethod
     def backward(cls, g, y, weight, mean, invstd, counts, all_reduce, need_x, need_w, need_b):
         """``(grad_y, grad_weight, grad_bias)``; ``counts = (n*m,)`` as an int32 tensor."""
-        sum_dy, sum_dy_xmu, gw, gb = cls.backward_reduce(g, y, mean, invstd, weight, need_x,
-                                                         need_w, need_b)
-        gx = None
-        if need_x:
-            if all_reduce is not None:
-                sum_dy, sum_dy_xmu = all_reduce(sum_dy, sum_dy_xmu)
-            gx = cls.backward_elemt(g, y, mean, invstd, weight, sum_dy, sum_dy_xmu, counts[0])
-        return gx, gw, gb
+        return _reduce_then_elemt(cls, g, y, weight, mean, invstd, counts[0], all_reduce,
+                                  need_x, need_w, need_b)
 
     @staticmethod
     def backward_elemt(g, y, mean, invstd, weight, sum_dy, sum_dy_xmu, count):

@@ -2,7 +2,7 @@
 import numbers
 import warnings
 import weakref
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

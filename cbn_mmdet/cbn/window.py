@@ -13,7 +13,6 @@ slot ``e`` (``E = window - 1`` slots, ``head[s]`` is the oldest, overwritten nex
     cbn_valid   (S, E) bool     the slot holds a finite iteration
     cbn_head    (S,)          next slot to overwrite (kept on the host, written at save time)
 """
-import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -182,6 +181,3 @@ def adapt_state(state_dict, prefix: str, window: int, name: str) -> Optional[str
             f'{e_new} (window={window}); kept the newest {keep}')
     return what if msg is None else f'{msg}; {what[len(name) + 2:]}'
 
-
-def warn(msg: str):
-    warnings.warn(msg)
