@@ -2,10 +2,10 @@
 
     python tools/gpu_check.py [--out DIR] [--quick]
 
-On one CUDA GPU (about 6 minutes on an H100-class GPU with the defaults; ``--quick`` for fewer
+On one CUDA GPU (estimated 5-6 minutes on an H100-class GPU, not yet timed; ``--quick`` for fewer
 iterations):
-  1. the tests marked ``cuda`` and the whole CBN test matrix (``tests/cbn``: the CUDA-branch
-     tests run there on the real kernels, not the emulation);
+  1. the whole CBN test matrix (``tests/cbn``): the tests marked ``cuda`` run the layer's
+     CUDA branch on the real kernels there (the emulated variants run as in CI);
   2. ``tools/benchmarks/op_count_bench.py --device cuda``: ATen ops per training step (targets:
      CBN <= 50, plain averaging <= 35) and time per step at small shapes;
   3. ``tools/benchmarks/layer_bench.py --device cuda``: conv+CBN vs the floor (BN + one extra
