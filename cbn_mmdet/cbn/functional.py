@@ -9,7 +9,6 @@ Precision: everything here returns float32 (float64 for float64 inputs) whatever
 TF32 say: the small products run under :func:`exact_fp32` (autocast off; TF32 would round
 their operands to 10 bits, and the compensation is a small difference of two of them).
 """
-import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -19,24 +18,30 @@ from torch import Tensor
 from .conv_trace import ConvRecord
 from .kernels import memory_format, stats_dtype
 
-@contextlib.contextmanager
-def exact_fp32(device_type: str):
+class exact_fp32:
     """Inside: autocast off and float32 matmuls in full precision
     (``set_float32_matmul_precision('highest')``; 'high' lets CUDA use TF32). Host-side flags:
-    no sync, restored on exit; nothing is entered when nothing needs changing (hot path)."""
-    prec = torch.get_float32_matmul_precision()
-    autocast = torch.is_autocast_enabled(device_type)
-    if prec == 'highest' and not autocast:
-        yield
-        return
-    if prec != 'highest':
-        torch.set_float32_matmul_precision('highest')
-    try:
-        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-            yield
-    finally:
-        if prec != 'highest':
-            torch.set_float32_matmul_precision(prec)
+    no sync, restored on exit; nothing is changed when nothing needs changing (hot path)."""
+
+    __slots__ = ('device_type', 'prec', 'autocast')
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+
+    def __enter__(self):
+        self.prec = torch.get_float32_matmul_precision()
+        self.autocast = None
+        if self.prec != 'highest':
+            torch.set_float32_matmul_precision('highest')
+        if torch.is_autocast_enabled(self.device_type):
+            self.autocast = torch.autocast(self.device_type, enabled=False)
+            self.autocast.__enter__()
+
+    def __exit__(self, *exc):
+        if self.autocast is not None:
+            self.autocast.__exit__(*exc)
+        if self.prec != 'highest':
+            torch.set_float32_matmul_precision(self.prec)
 
 
 _TAPS: dict = {}
@@ -114,7 +119,7 @@ def derivatives(rec: ConvRecord, y: Tensor, normalize: bool = True,
     m = n * y.shape[2] * y.shape[3]
     dt = stats_dtype(y.dtype)
     w, x = rec.saved_weight, rec.input
-    groups, k = rec.groups, w[0].numel()
+    groups, k = rec.groups, w.numel() // w.shape[0]
     if out is None:
         out = torch.empty(c + groups, k, dtype=dt, device=y.device)
     if m == 0:

@@ -218,7 +218,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                               'checkpointing); stored statistics are averaged without weight '
                               'compensation there.')
             return None
-        return rec.weight.detach().reshape(self.num_features, -1)
+        return rec.weight.detach().reshape(self.num_features, -1)  # a copy if channels_last
 
     def _factors(self, nvalid, m, dtype, device):
         """``(row, int counts)`` of :func:`window_factors` for ``nvalid`` stored iterations."""
@@ -286,11 +286,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """running_mean and running_var as rows of one (2, C) tensor (they are views of it), so
         that one ``where`` and one ``lerp_`` update both. Relinked after ``.to()`` and the like."""
         rm, rv = self.running_mean, self.running_var
+        pair = self.__dict__.get('_pair')
+        if pair is not None and pair[0] is rm and pair[1] is rv:
+            return pair[2]
         base = rm._base
         if base is None or rv._base is not base or base.shape != (2, rm.shape[0]) \
                 or rm.data_ptr() != base.data_ptr() or rv.data_ptr() != base[1].data_ptr():
             base = torch.stack((rm, rv))
             self.running_mean, self.running_var = base[0], base[1]
+        self.__dict__['_pair'] = (self.running_mean, self.running_var, base)
         return base
 
     def _update_running(self, stats, row, bad):
@@ -331,6 +335,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return out
 
     # ------------------------------------------------------------------ state
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.half()`` and the like: drop the work tensors and cached views of the
+        old buffers (they are rebuilt for the new ones)."""
+        out = super()._apply(fn, *args, **kwargs)
+        self._work.clear()
+        self.ring._cache = None
+        return out
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.ring.sync()
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -39,6 +39,7 @@ class RingWindow:
     def __init__(self, module):
         self.module = module
         self.heads: List[int] = [int(h) for h in module.cbn_head.tolist()]
+        self._cache = None  # see _views
 
     @property
     def slots(self) -> int:
@@ -58,6 +59,8 @@ class RingWindow:
         """Grow to ``stream + 1`` streams (empty slots); keep the float buffers in ``dtype`` (a
         ``.half()`` on the module converts them, the statistics stay float32)."""
         mod = self.module
+        if stream < len(self.heads) and mod._buffers['cbn_moments'].dtype == dtype:
+            return  # the hot path: nothing to grow or convert
         for name in FLOAT_BUFFERS:
             buf = getattr(mod, name)
             if buf.dtype != dtype:
@@ -80,7 +83,7 @@ class RingWindow:
         self.heads += [0] * grow
 
     def has_derivatives(self, rows: int, k: int) -> bool:
-        d = self.module.cbn_deriv
+        d = self.module._buffers['cbn_deriv']
         return d.dim() == 4 and d.shape[1] == rows and d.shape[-1] == k
 
     def _ensure_derivatives(self, rows: int, k: int):
@@ -94,38 +97,56 @@ class RingWindow:
         mod.cbn_deriv = torch.zeros(s, rows, e, k, dtype=mod.cbn_moments.dtype,
                                     device=mod.cbn_moments.device)
 
+    def _views(self, stream: int) -> dict:
+        """Views of the stream's buffers and of each of its slots, built once per buffer set
+        (the hot path then indexes nothing; new buffers - growth, ``.to()``, loading - rebuild)."""
+        b = self.module._buffers
+        src = (b['cbn_moments'], b['cbn_proj'], b['cbn_deriv'], b['cbn_valid'])
+        if self._cache is None or any(x is not y for x, y in zip(self._cache[0], src)):
+            self._cache = (src, {})
+        views = self._cache[1].get(stream)
+        if views is None:
+            m, p, d, v = (t[stream] if t.dim() > 1 else None for t in src)
+            views = self._cache[1][stream] = dict(
+                moments=m, proj=p, deriv=d, valid=v,
+                slots=[(m[h], p[h], d[:, h] if d is not None else None, v[h])
+                       for h in range(self.slots)])
+        return views
+
     def stored(self, stream: int, w: Optional[Tensor], derivs: Optional[Tensor]
                ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """The stream's stored moments compensated to the current weight ``w`` (E, 2, C), their
         validity (E,), and the projections of the current ``derivs`` (C + G, K) on ``w`` (2, C)
         or None. One product projects the stored derivatives and the current ones together.
         """
-        mod = self.module
-        moments, valid = mod.cbn_moments[stream], mod.cbn_valid[stream]
+        v = self._views(stream)
+        moments, valid = v['moments'], v['valid']
         if w is None or not self.has_derivatives(*derivs.shape if derivs is not None else (-1, -1)):
             if derivs is None or w is None:
                 return moments, valid, None
             return moments, valid, compensation_terms(derivs[:, None], w)[0]
-        stored = mod.cbn_deriv[stream]
-        both = mod._scratch('window', (stored.shape[0], stored.shape[1] + 1, stored.shape[2]), stored)
+        stored = v['deriv']
+        both = self.module._scratch('window', (stored.shape[0], stored.shape[1] + 1, stored.shape[2]),
+                                    stored)
         p = compensation_terms(torch.cat((stored, derivs[:, None]), 1, out=both), w)
         e = self.slots
-        return moments + (p[:e] - mod.cbn_proj[stream]), valid, p[e]
+        return moments + (p[:e] - v['proj']), valid, p[e]
 
     def push(self, stream: int, moments: Tensor, derivs, proj: Optional[Tensor], bad: Tensor):
         """Store this iteration in the stream's oldest slot; it counts only when not ``bad``
         (non-finite): a non-finite iteration drops the oldest entry and never enters."""
-        mod = self.module
         h = self.heads[stream]
-        mod.cbn_moments[stream, h].copy_(moments)
-        torch.logical_not(bad, out=mod.cbn_valid[stream, h])
         if derivs is not None:
             self._ensure_derivatives(*derivs.shape)
-            mod.cbn_deriv[stream, :, h].copy_(derivs)
-            mod.cbn_proj[stream, h].copy_(proj)
-        elif mod.cbn_deriv.dim() == 4:  # no compensation for this slot
-            mod.cbn_deriv[stream, :, h].zero_()
-            mod.cbn_proj[stream, h].zero_()
+        slot_m, slot_p, slot_d, slot_v = self._views(stream)['slots'][h]
+        slot_m.copy_(moments)
+        torch.logical_not(bad, out=slot_v)
+        if derivs is not None:
+            slot_d.copy_(derivs)
+            slot_p.copy_(proj)
+        elif slot_d is not None:  # no compensation for this slot
+            slot_d.zero_()
+            slot_p.zero_()
         self.heads[stream] = (h + 1) % self.slots
 
     def sync(self):
