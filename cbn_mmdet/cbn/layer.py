@@ -289,11 +289,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         pair = self.__dict__.get('_pair')
         if pair is not None and pair[0] is rm and pair[1] is rv:
             return pair[2]
-        base = rm._base
-        if base is None or rv._base is not base or base.shape != (2, rm.shape[0]) \
-                or rm.data_ptr() != base.data_ptr() or rv.data_ptr() != base[1].data_ptr():
-            base = torch.stack((rm, rv))
-            self.running_mean, self.running_var = base[0], base[1]
+        base = torch.stack((rm, rv))  # (re)link: after construction, .to(), .half(), ...
+        self.running_mean, self.running_var = base[0], base[1]
         self.__dict__['_pair'] = (self.running_mean, self.running_var, base)
         return base
 

@@ -121,9 +121,9 @@ class RingWindow:
         """
         v = self._views(stream)
         moments, valid = v['moments'], v['valid']
-        if w is None or not self.has_derivatives(*derivs.shape if derivs is not None else (-1, -1)):
-            if derivs is None or w is None:
-                return moments, valid, None
+        if derivs is None:  # no compensation this step (derivatives come with ``w``)
+            return moments, valid, None
+        if not self.has_derivatives(*derivs.shape):  # nothing stored with derivatives yet
             return moments, valid, compensation_terms(derivs[:, None], w)[0]
         stored = v['deriv']
         both = self.module._scratch('window', (stored.shape[0], stored.shape[1] + 1, stored.shape[2]),
