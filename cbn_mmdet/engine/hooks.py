@@ -15,6 +15,27 @@ def burnin_iterations(burnin_epochs: float, iters_per_epoch: int) -> int:
     return int(round(burnin_epochs * iters_per_epoch))
 
 
+FIRST_LR_STEP = 'first_lr_step'
+
+
+def first_lr_step(runner) -> int:
+    """The iteration of the first learning-rate decay of the run's MultiStepLR schedule."""
+    scheds = runner.param_schedulers
+    if isinstance(scheds, dict):
+        scheds = [s for group in scheds.values() for s in group]
+    steps = []
+    for s in scheds or []:
+        milestones = getattr(s, 'milestones', None)
+        if type(s).__name__.startswith('MultiStep') and milestones:
+            first = min(milestones)
+            steps.append(first * len(runner.train_dataloader) if s.by_epoch else first)
+    if not steps:
+        raise ValueError(f"CBNHook: burn-in {FIRST_LR_STEP!r} needs a MultiStepLR (or MultiStepMomentum) "
+                         'scheduler with milestones in param_scheduler; this run has '
+                         f'{[type(s).__name__ for s in scheds or []]}. Give the burn-in in epochs instead.')
+    return min(steps)
+
+
 @HOOKS.register_module()
 class CBNHook(Hook):
     """Prepares the model's CBN layers before training.
@@ -22,7 +43,9 @@ class CBNHook(Hook):
     Args:
         burnin_epochs: when set, every CBN layer's ``burnin`` becomes this many epochs worth of
             iterations of *this* run: ``len(train_dataloader)`` already reflects the dataset
-            length, the per-GPU batch size and the world size.
+            length, the per-GPU batch size and the world size. ``'first_lr_step'``: until the
+            first milestone of the run's MultiStepLR, wherever the schedule puts it (the window
+            starts after the high-lr phase, as the paper's 8 epochs of 12 do).
         burnin_epochs_by_module: ``{module name prefix: epochs}`` overriding ``burnin_epochs``
             for the CBN layers under that module (the longest matching prefix wins), e.g.
             ``dict(backbone=0.05)`` for a short burn-in of a CBN backbone.
@@ -30,14 +53,13 @@ class CBNHook(Hook):
 
     priority = 'VERY_HIGH'
 
-    def __init__(self, burnin_epochs: Optional[float] = None,
-                 burnin_epochs_by_module: Optional[dict] = None):
+    def __init__(self, burnin_epochs=None, burnin_epochs_by_module: Optional[dict] = None):
         for name, value in [('burnin_epochs', burnin_epochs)] + [
                 (f'burnin_epochs_by_module[{k!r}]', v) for k, v in (burnin_epochs_by_module or {}).items()]:
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or value < 0):
-                raise ValueError(f'CBNHook option `{name}` must be a number >= 0 or None, '
-                                 f'got {value!r}')
+            if value is not None and value != FIRST_LR_STEP and (
+                    isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f'CBNHook option `{name}` must be a number >= 0, '
+                                 f'{FIRST_LR_STEP!r} or None, got {value!r}')
         if burnin_epochs_by_module is not None and (
                 not isinstance(burnin_epochs_by_module, dict)
                 or not all(isinstance(k, str) and k for k in burnin_epochs_by_module)):
@@ -46,7 +68,7 @@ class CBNHook(Hook):
         self.burnin_epochs = burnin_epochs
         self.by_module = dict(burnin_epochs_by_module or {})
 
-    def _epochs_for(self, name: str) -> Optional[float]:
+    def _epochs_for(self, name: str):
         hits = [p for p in self.by_module if name == p or name.startswith(p + '.')]
         return self.by_module[max(hits, key=len)] if hits else self.burnin_epochs
 
@@ -60,16 +82,19 @@ class CBNHook(Hook):
             return
         msg = f'CBNHook: {len(layers)} CBN layers'
         per_epoch = len(runner.train_dataloader)
+
+        def iterations(epochs):
+            return first_lr_step(runner) if epochs == FIRST_LR_STEP else burnin_iterations(epochs, per_epoch)
         groups = {}
         for name, m in named:
             epochs = self._epochs_for(name)
             if epochs is not None:
-                m.burnin = burnin_iterations(epochs, per_epoch)
+                m.burnin = iterations(epochs)
                 groups.setdefault(epochs, []).append(name)
-        for epochs, names in sorted(groups.items()):
+        for epochs, names in sorted(groups.items(), key=lambda kv: str(kv[0])):
             where = '' if len(groups) == 1 else f' for {len(names)} layers ({names[0]}, ...)'
-            msg += (f'; burn-in {epochs} epochs = {burnin_iterations(epochs, per_epoch)} '
-                    f'iterations{where}')
+            what = 'until the first lr step' if epochs == FIRST_LR_STEP else f'{epochs} epochs'
+            msg += f'; burn-in {what} = {iterations(epochs)} iterations{where}'
         if groups:
             msg += f' ({per_epoch} iterations per epoch on each of {runner.world_size} processes)'
         windows = sorted({m.window for m in layers})

@@ -11,7 +11,7 @@ optim_wrapper = dict(optimizer=dict(lr=0.005))
 # The backbone's CBN layers leave plain BN after 0.05 epochs (on COCO train2017: 733 iterations
 # at 4x2, 1466 at 4x1; the warmup is 500), not after 8 epochs: 8 epochs of plain BN on
 # 1 image would overwrite the ImageNet statistics of stages 2-4 for two thirds of the schedule.
-custom_hooks = [dict(type='CBNHook', burnin_epochs=8, burnin_epochs_by_module=dict(backbone=0.05))]
+custom_hooks = [dict(type='CBNHook', burnin_epochs='first_lr_step', burnin_epochs_by_module=dict(backbone=0.05))]
 model = dict(
     neck=dict(norm_cfg=dict(window=16)),
     roi_head=dict(bbox_head=dict(norm_cfg=dict(window=16)), mask_head=dict(norm_cfg=dict(window=16))),

@@ -58,7 +58,7 @@ def test_config_loads_and_builds_without_network(config):
         assert backbone_cbn is (norm == 'cbn-all')
         if norm.startswith('cbn'):
             hook = [h for h in cfg.custom_hooks if h['type'] == 'CBNHook']
-            assert len(hook) == 1 and hook[0]['burnin_epochs'] == 8
+            assert len(hook) == 1 and hook[0]['burnin_epochs'] == 'first_lr_step'
             by_module = hook[0].get('burnin_epochs_by_module')
             assert by_module == (dict(backbone=0.05) if norm == 'cbn-all' and per_gpu < 4 else None)
             assert 'cbn_mmdet' in cfg.custom_imports.imports

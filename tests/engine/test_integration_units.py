@@ -28,6 +28,28 @@ def test_burnin_epochs_become_iterations_of_this_run():
     assert burnin_iterations(0.5, 7) == 4 and burnin_iterations(0, 100) == 0
 
 
+def test_burnin_until_the_first_lr_step_follows_the_schedule():
+    """'first_lr_step' reads the run's MultiStepLR: epoch milestones x iterations per epoch, or
+    iteration milestones as they are; the earliest milestone of any MultiStep scheduler."""
+    from mmengine.optim.scheduler import LinearLR, MultiStepLR
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), CrossIterationBatchNorm2d(4),
+                          nn.Sequential(nn.Conv2d(4, 4, 1), CrossIterationBatchNorm2d(4)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cbn = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    runner = _FakeRunner(model, 63, 4)
+    runner.param_schedulers = [LinearLR(opt, start_factor=0.5, by_epoch=False, end=10),
+                               MultiStepLR(opt, milestones=[11, 8], by_epoch=True)]
+    CBNHook(burnin_epochs='first_lr_step').before_train(runner)
+    assert [m.burnin for m in cbn] == [8 * 63] * 2
+    runner.param_schedulers = dict(
+        a=[MultiStepLR.build_iter_from_epoch(opt, milestones=[2, 3], epoch_length=63)])
+    CBNHook(burnin_epochs=1, burnin_epochs_by_module={'2': 'first_lr_step'}).before_train(runner)
+    assert [m.burnin for m in cbn] == [63, 2 * 63]
+    runner.param_schedulers = [LinearLR(opt, start_factor=0.5, by_epoch=False, end=10)]
+    with pytest.raises(ValueError, match="'first_lr_step' needs a MultiStepLR.*LinearLR"):
+        CBNHook(burnin_epochs='first_lr_step').before_train(runner)
+
+
 @pytest.mark.parametrize('bad', [-1, 'eight', True])
 def test_hook_rejects_bad_burnin(bad):
     with pytest.raises(ValueError, match='burnin_epochs'):

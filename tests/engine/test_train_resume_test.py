@@ -27,7 +27,7 @@ def test_train_resume_and_test_checkpoint(tiny_data, tmp_path):
     # The checkpoint holds the CBN windows and loads with torch's safe loading (weights_only).
     from cbn_mmdet.engine.checkpoint import load_local_checkpoint
     state = load_local_checkpoint(ckpt1)['state_dict']
-    assert state['neck.fpn_convs.0.bn.cbn_deriv'].dim() == 4  # (S, C + G, E, K)
+    assert state['neck.fpn_convs.0.bn.cbn_dnu'].dim() == 4
     assert state['neck.fpn_convs.0.bn.cbn_step'].item() == 4  # 16 images / batch 4
     with pytest.raises(Exception):  # what mmengine alone would do under torch >= 2.6
         torch.load(ckpt1)
