@@ -114,6 +114,17 @@ def _annotation(mask, label, ann_id, image_id):
                 segmentation=rle)
 
 
+def digit_pools(num_digits: int, seed: int = 0, val_fraction: float = 0.22) -> Dict[str, np.ndarray]:
+    """Indices of the digit scans each split draws from: ``{'train': ..., 'val': ...}``, disjoint.
+
+    Anything trained on the digits before detection (e.g. the backbone pretraining) must use
+    only the ``train`` pool of the same seed, or the detection val split is no longer unseen.
+    """
+    order = np.random.default_rng(seed).permutation(num_digits)
+    n_val = int(round(num_digits * val_fraction))
+    return dict(val=order[:n_val], train=order[n_val:])
+
+
 def generate(out_dir: str, seed: int = 0, num_train: int = 1000, num_val: int = 200,
              size: int = 128, digits_per_image: Tuple[int, int] = (2, 5),
              digit_size: Tuple[int, int] = (16, 44), val_fraction: float = 0.22) -> Dict:
@@ -135,10 +146,7 @@ def generate(out_dir: str, seed: int = 0, num_train: int = 1000, num_val: int = 
         raise FileExistsError(f'{out_dir} holds a digits dataset made with other settings '
                               f'({existing}); remove it or choose another directory')
     images, labels = _load_digits()
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(images))
-    n_val_digits = int(round(len(images) * val_fraction))
-    pools = dict(val=order[:n_val_digits], train=order[n_val_digits:])
+    pools = digit_pools(len(images), seed, val_fraction)
     counts = dict(train=0, val=0)
     os.makedirs(osp.join(out_dir, 'annotations'), exist_ok=True)
     for split, n_images in (('train', num_train), ('val', num_val)):
