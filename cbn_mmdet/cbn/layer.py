@@ -13,11 +13,11 @@ from . import kernels
 from .conv_trace import find_producing_conv
 from .functional import CountNormalize, derivatives, exact_fp32, non_finite, pool, window_factors
 from .kernels import stats_dtype
-from .window import LEGACY_BUFFERS, RingWindow, adapt_state, register_buffers
+from .window import BUFFERS, SAVED_BUFFERS, RingWindow, adapt_state, register_buffers, saved_state
 
-# Window state saved in the state_dict next to BN's own buffers: see window.py for the layout.
-STATE_BUFFERS = ('cbn_moments', 'cbn_proj', 'cbn_deriv', 'cbn_valid', 'cbn_head', 'cbn_step',
-                 'cbn_skipped')
+# State saved in the state_dict next to BN's own buffers: the window in the checkpoint layout
+# (window.py) and the two counters.
+STATE_BUFFERS = SAVED_BUFFERS + ('cbn_valid', 'cbn_head', 'cbn_step', 'cbn_skipped')
 # More calls than this in one step (no backward, no update in between) are taken as new steps.
 MAX_CALLS_PER_STEP = 16
 
@@ -343,22 +343,21 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.ring.sync()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.update((prefix + k, v) for k, v in saved_state(self).items())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        if any(prefix + n in state_dict for n in STATE_BUFFERS + LEGACY_BUFFERS):
+        if any(prefix + n in state_dict for n in STATE_BUFFERS + BUFFERS):
             state_dict = dict(state_dict)  # adapted below; the caller's dict stays as it was
             msg = adapt_state(state_dict, prefix, self.window, self._name())
             if msg:
                 warnings.warn(msg)
-        for name in STATE_BUFFERS:
-            if prefix + name in state_dict:
-                src, cur = state_dict[prefix + name], getattr(self, name)
-                if src.shape != cur.shape:
-                    dt = cur.dtype if name in ('cbn_valid', 'cbn_head', 'cbn_step', 'cbn_skipped') \
-                        else self.running_mean.dtype
-                    setattr(self, name, torch.zeros(src.shape, dtype=dt, device=cur.device))
-        if not any(prefix + n in state_dict for n in ('cbn_moments', 'cbn_valid')):
+        if prefix + 'cbn_valid' in state_dict:
+            for name in BUFFERS:  # not persistent: set here from the adapted state
+                src, cur = state_dict.pop(prefix + name), getattr(self, name)
+                dt = cur.dtype if name in ('cbn_valid', 'cbn_head') else self.running_mean.dtype
+                setattr(self, name, src.to(device=cur.device, dtype=dt, copy=True))
+        else:
             self.reset_window()  # a plain BN checkpoint: start with an empty window
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

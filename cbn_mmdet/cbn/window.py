@@ -12,6 +12,10 @@ slot ``e`` (``E = window - 1`` slots, ``head[s]`` is the oldest, overwritten nex
                                 (K = C_in/groups * kh * kw): one tensor, one product for both
     cbn_valid   (S, E) bool     the slot holds a finite iteration
     cbn_head    (S,)          next slot to overwrite (kept on the host, written at save time)
+
+These buffers are not persistent: the state_dict holds the window in the checkpoint layout of
+every release (``saved_state``), one tensor per moment, projection and derivative, so
+checkpoints load in earlier and later versions alike and tools reading ``cbn_dnu`` keep working.
 """
 from typing import List, Optional, Tuple
 
@@ -22,15 +26,37 @@ from .functional import compensation_terms
 
 FLOAT_BUFFERS = ('cbn_moments', 'cbn_proj', 'cbn_deriv')
 BUFFERS = FLOAT_BUFFERS + ('cbn_valid', 'cbn_head')
-# The layout before 2026-11-29: separate (S, E, C) buffers per moment and derivative, float validity.
-LEGACY_BUFFERS = ('cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu', 'cbn_dmu', 'cbn_dnu')
+# The checkpoint layout: (S, E, C) per moment and projection, (S, G, E, K) / (S, C, E, K) per
+# derivative, float validity, plus cbn_valid and cbn_head.
+SAVED_BUFFERS = ('cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu', 'cbn_dmu', 'cbn_dnu')
 
 
 def register_buffers(module, device=None, dtype=None):
     for name in FLOAT_BUFFERS:
-        module.register_buffer(name, torch.zeros(0, device=device, dtype=dtype))
-    module.register_buffer('cbn_valid', torch.zeros(0, dtype=torch.bool, device=device))
-    module.register_buffer('cbn_head', torch.zeros(0, dtype=torch.long, device=device))
+        module.register_buffer(name, torch.zeros(0, device=device, dtype=dtype), persistent=False)
+    module.register_buffer('cbn_valid', torch.zeros(0, dtype=torch.bool, device=device),
+                           persistent=False)
+    module.register_buffer('cbn_head', torch.zeros(0, dtype=torch.long, device=device),
+                           persistent=False)
+
+
+def saved_state(module) -> dict:
+    """The window of ``module`` in the checkpoint layout (copies, suffixes without prefix)."""
+    moments, proj, deriv = module.cbn_moments, module.cbn_proj, module.cbn_deriv
+    out = {}
+    if moments.dim() == 4:
+        out['cbn_mu'], out['cbn_nu'] = (t.clone() for t in moments.unbind(2))
+        out['cbn_wmu'], out['cbn_wnu'] = (t.clone() for t in proj.unbind(2))
+    else:
+        out.update((n, moments.clone()) for n in ('cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu'))
+    if deriv.dim() == 4:
+        c = moments.shape[-1]
+        out['cbn_dmu'], out['cbn_dnu'] = deriv[:, c:].clone(), deriv[:, :c].clone()
+    else:
+        out['cbn_dmu'], out['cbn_dnu'] = deriv.clone(), deriv.clone()
+    out['cbn_valid'] = module.cbn_valid.to(moments.dtype)
+    out['cbn_head'] = module.cbn_head.clone()
+    return out
 
 
 class RingWindow:
@@ -157,15 +183,14 @@ class RingWindow:
 
 
 def adapt_state(state_dict, prefix: str, window: int, name: str) -> Optional[str]:
-    """Rewrite a saved window in ``state_dict`` to this layer's ``window`` (and from the legacy
-    layout); returns a sentence saying what was done, or None when nothing had to change.
+    """Rewrite a saved window in ``state_dict`` into the internal layout, for this layer's
+    ``window``; returns a sentence saying what was adapted, or None when the window matched.
 
     The most recent ``window - 1`` iterations are kept (fewer if fewer were stored), oldest first.
     """
     key = prefix.__add__
-    msg = None
-    if key('cbn_mu') in state_dict:  # legacy layout: (S, E, C) per moment, float validity
-        mu, nu, wmu, wnu, dmu, dnu = (state_dict.pop(key(n)) for n in LEGACY_BUFFERS)
+    if key('cbn_mu') in state_dict:  # the checkpoint layout (see saved_state)
+        mu, nu, wmu, wnu, dmu, dnu = (state_dict.pop(key(n)) for n in SAVED_BUFFERS)
         if mu.dim() == 3:
             state_dict[key('cbn_moments')] = torch.stack((mu, nu), 2)
             state_dict[key('cbn_proj')] = torch.stack((wmu, wnu), 2)
@@ -173,11 +198,12 @@ def adapt_state(state_dict, prefix: str, window: int, name: str) -> Optional[str
             state_dict[key('cbn_moments')] = mu
             state_dict[key('cbn_proj')] = wmu
         state_dict[key('cbn_deriv')] = torch.cat((dnu, dmu), 1) if dnu.dim() == 4 else dnu
+    # (checkpoints written between 2026-11-29 and 2026-12-01 hold the internal layout itself)
+    if key('cbn_valid') in state_dict:
         state_dict[key('cbn_valid')] = state_dict[key('cbn_valid')] > 0
-        msg = f'{name}: converted a window saved in the legacy layout'
     moments = state_dict.get(key('cbn_moments'))
     if moments is None or moments.dim() != 4 or moments.shape[1] == window - 1:
-        return msg
+        return None
     s, e_old = moments.shape[:2]
     e_new = window - 1
     head = state_dict[key('cbn_head')].tolist()
@@ -200,5 +226,5 @@ def adapt_state(state_dict, prefix: str, window: int, name: str) -> Optional[str
     state_dict[key('cbn_head')] = torch.full((s,), keep % e_new if e_new else 0, dtype=torch.long)
     what = (f'{name}: the saved window holds {e_old} stored iterations, this layer keeps '
             f'{e_new} (window={window}); kept the newest {keep}')
-    return what if msg is None else f'{msg}; {what[len(name) + 2:]}'
+    return what
 

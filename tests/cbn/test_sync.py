@@ -107,7 +107,8 @@ def test_sync_cbn_step_with_every_process_empty(tmp_path, fused):
     for r in range(2):
         saved = torch.load(tmp_path / f'rank{r}.pt', weights_only=True)
         state = saved['state']
-        for key in ('1.cbn_moments', '1.cbn_proj', '1.cbn_deriv', '1.running_mean', '1.running_var'):
+        for key in ('1.cbn_mu', '1.cbn_nu', '1.cbn_wnu', '1.cbn_dnu', '1.cbn_dmu', '1.running_mean',
+                    '1.running_var'):
             assert torch.isfinite(state[key]).all(), key
         assert state['1.cbn_skipped'].item() == 1
         assert state['1.cbn_valid'].sum().item() == 1

@@ -1,4 +1,4 @@
-"""The window's ring buffer across checkpoints: another window size, the legacy layout, load_from."""
+"""The window's ring buffer across checkpoints: another window size, the checkpoint layout, load_from."""
 import copy
 
 import pytest
@@ -68,23 +68,37 @@ def test_same_window_loads_silently_and_continues_exactly():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def _legacy(state, c):
-    """The layout of earlier versions: (S, E, C) per moment and projection, float validity."""
-    old = {k: v for k, v in state.items() if k not in ('cbn_moments', 'cbn_proj', 'cbn_deriv')}
-    old['cbn_mu'], old['cbn_nu'] = state['cbn_moments'].unbind(2)
-    old['cbn_wmu'], old['cbn_wnu'] = state['cbn_proj'].unbind(2)
-    old['cbn_dnu'], old['cbn_dmu'] = state['cbn_deriv'][:, :c], state['cbn_deriv'][:, c:]
-    old['cbn_valid'] = state['cbn_valid'].to(F64)
-    return old
+def test_state_dict_holds_the_checkpoint_layout_of_every_release():
+    """One tensor per moment, projection and derivative, float validity (the layout checkpoints
+    had before the window became one buffer per kind), equal to what the layer holds."""
+    conv, layer = _pair(4)
+    _run(conv, layer, _batches(5))
+    state = layer.state_dict()
+    window = {k for k in state if k.startswith('cbn_')}
+    assert window == {'cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu', 'cbn_dmu', 'cbn_dnu', 'cbn_valid',
+                      'cbn_head', 'cbn_step', 'cbn_skipped'}
+    assert state['cbn_mu'].shape == state['cbn_wnu'].shape == (1, 3, 5)   # (S, E, C)
+    assert state['cbn_dnu'].shape == (1, 5, 3, 27) and state['cbn_dmu'].shape == (1, 1, 3, 27)
+    assert state['cbn_valid'].dtype == F64 and state['cbn_valid'].sum().item() == 3
+    torch.testing.assert_close(torch.stack((state['cbn_mu'], state['cbn_nu']), 2), layer.cbn_moments)
+    torch.testing.assert_close(torch.stack((state['cbn_wmu'], state['cbn_wnu']), 2), layer.cbn_proj)
+    torch.testing.assert_close(torch.cat((state['cbn_dnu'], state['cbn_dmu']), 1), layer.cbn_deriv)
+    assert state['cbn_mu'].untyped_storage().data_ptr() != layer.cbn_moments.untyped_storage().data_ptr()
 
 
-def test_legacy_checkpoint_layout_converts():
+def test_checkpoint_in_the_internal_layout_loads():
+    """Checkpoints written while the internal buffers were saved as they are (2026-11-29 to
+    2026-12-01) load and continue exactly."""
     conv, layer = _pair(4)
     xs = _batches(8)
     _run(conv, layer, xs[:5])
+    state = {k: v for k, v in layer.state_dict().items()
+             if k not in ('cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu', 'cbn_dmu', 'cbn_dnu')}
+    state.update(cbn_moments=layer.cbn_moments.clone(), cbn_proj=layer.cbn_proj.clone(),
+                 cbn_deriv=layer.cbn_deriv.clone(), cbn_valid=layer.cbn_valid.clone())
     fresh = CrossIterationBatchNorm2d(5, window=4).double()
-    with pytest.warns(UserWarning, match='legacy layout'):
-        fresh.load_state_dict(_legacy(layer.state_dict(), 5))
+    with warnings_as_errors():
+        fresh.load_state_dict(state)
     for a, b in zip(_run(conv, fresh, xs[5:]), _run(conv, layer, xs[5:])):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
