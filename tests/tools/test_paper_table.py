@@ -1,0 +1,64 @@
+"""Study 5's runner: its bookkeeping, and one study config through tools/dist_train.sh."""
+import os.path as osp
+
+import pytest
+
+from tools.studies import paper_table as pt
+
+
+def _row(batch, arm, seed, box, mask):
+    return dict(batch=batch, arm=arm, seed=seed, bbox_mAP=box, segm_mAP=mask)
+
+
+def test_summary_and_the_third_seed_rule():
+    rows = [_row(4, 'cbn', 0, 0.30, 0.20), _row(4, 'cbn', 1, 0.32, 0.22),
+            _row(4, 'gn', 0, 0.315, 0.10), _row(4, 'gn', 1, 0.335, 0.12),   # box within 2 std
+            _row(4, 'bn', 0, 0.10, 0.05), _row(4, 'bn', 1, 0.11, 0.06),     # far below
+            _row(4, 'cbn-early', 0, 0.31, 0.21), _row(4, 'cbn-early', 1, 0.31, 0.21),  # a CBN variant
+            _row(1, 'gn', 0, 0.31, 0.21)]
+    s = pt.summarize(rows)
+    assert s['cbn_4xb4']['bbox_mAP'] == pytest.approx(0.31)
+    assert s['cbn_4xb4']['bbox_mAP_std'] == pytest.approx(0.01)
+    assert s['gn_4xb4']['seeds'] == [0, 1]
+    assert pt.close_to_cbn(rows, 4) == ['gn']
+    assert pt.close_to_cbn(rows, 1) == []  # no CBN run at that batch
+
+
+def test_cells_are_checked():
+    with pytest.raises(SystemExit, match='not in the study'):
+        pt.main(['--cells', '8:cbn', '--out', '/nonexistent'])
+    with pytest.raises(SystemExit, match='BATCH:ARM'):
+        pt.main(['--cells', 'cbn'])
+
+
+@pytest.mark.integration
+def test_a_study_config_trains_through_dist_train(tmp_path, monkeypatch):
+    """The SyncBN cell of 4 x 1 (SyncCBN with window 1) with 2 processes on tiny data: the
+    pretrained backbone loads, training and evaluation run, the metrics are read back."""
+    from tests.helpers import digits_options, make_tiny_digits
+    from tools import pretrain_backbone
+    data = make_tiny_digits(str(tmp_path / 'digits'), num_train=8, num_val=4)
+    ckpt = str(tmp_path / 'backbone.pth')
+    pretrain_backbone.main(['--num-train', '64', '--num-val', '16', '--epochs', '1',
+                            '--batch-size', '32', '--threads', '1', '--out', ckpt])
+    work = str(tmp_path / 'work')
+    from tests.helpers import run_tool
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    out = run_tool(['-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
+                    'tools/train.py', pt.CONFIG.format(arm='syncbn', batch=1), '--launcher',
+                    'pytorch', '--work-dir', work, '--cfg-options',
+                    f'model.backbone.init_cfg.checkpoint={ckpt}', 'train_cfg.max_epochs=1',
+                    'train_cfg.val_interval=1'] + digits_options(data, batch_size=1)[:5],
+                   env=dict(OMP_NUM_THREADS='1'))
+    assert f'load model from: {ckpt}' in out
+    assert 'Epoch(train) [1][4/4]' in out        # 8 images / (1 per process x 2 processes)
+    metrics, loss = pt.final_metrics(work)
+    assert 0.0 <= metrics['coco/bbox_mAP'] <= 1.0 and 0.0 <= metrics['coco/segm_mAP'] <= 1.0
+    assert loss is not None and loss == loss
+    from mmengine.config import Config
+    model = Config.fromfile(osp.join(work, osp.basename(pt.CONFIG.format(arm='syncbn', batch=1)))).model
+    for norm in (model.neck.norm_cfg, model.roi_head.bbox_head.norm_cfg, model.roi_head.mask_head.norm_cfg):
+        assert norm == dict(type='SyncCBN', window=1, requires_grad=True)
