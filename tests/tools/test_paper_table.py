@@ -22,6 +22,7 @@ def test_summary_and_the_third_seed_rule():
     assert s['gn_4xb4']['seeds'] == [0, 1]
     assert pt.close_to_cbn(rows, 4) == ['gn']
     assert pt.close_to_cbn(rows, 1) == []  # no CBN run at that batch
+    assert '| 4x4 | GN | 0.325 +- 0.010 | 0.110 +- 0.010 | 2 | 38.5 / 35.0 |' in pt.markdown_table(s)
 
 
 def test_cells_are_checked():

@@ -11,7 +11,7 @@ BN frozen), image size and schedule length (see _miniature.py). Box and mask mAP
 Runs already in ``--out``/runs.jsonl are not repeated (the study can be stopped and resumed).
 With ``--third-seed`` a seed 2 is added, after the first two, for CBN and every arm within two
 standard deviations of it at that per-GPU batch. Writes runs.jsonl (one line per run as it
-finishes), results.csv, results.json and map_by_arm.png under --out.
+finishes), results.csv, results.json, table.md and map_by_arm.png under --out.
 """
 import argparse
 import csv
@@ -100,7 +100,7 @@ def plot(rows, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.2))
     batches = sorted({r['batch'] for r in rows}, reverse=True)
     for ax, key, title in zip(axes, KEYS, ('box mAP', 'mask mAP')):
         x = 0
@@ -113,7 +113,7 @@ def plot(rows, path):
                 ax.bar(x, np.mean(vals), color=f'C{i}', alpha=0.6, label=LABELS[a] if b == batches[0] else None)
                 ax.scatter([x] * len(vals), vals, color='k', s=10, zorder=3)
                 ticks.append(x)
-                names.append(f'{a}\n4x{b}')
+                names.append(a.replace('-', '-\n') + f'\n4x{b}')
                 x += 1
             x += 1
         ax.set_xticks(ticks, names, fontsize=7)
@@ -137,6 +137,8 @@ def main(argv=None):
     p.add_argument('--third-seed', action='store_true',
                    help='add seed 2 where CBN and another arm are within two std')
     p.add_argument('--port', type=int, default=29531)
+    p.add_argument('--report', action='store_true',
+                   help='only write the outputs from the runs already in runs.jsonl')
     a = p.parse_args(argv)
     cells = CELLS
     if a.cells:
@@ -150,8 +152,9 @@ def main(argv=None):
                      f'{" ".join(f"{b}:{x}" for b, x in CELLS)}')
     out = os.path.join(ROOT, a.out)
     os.makedirs(out, exist_ok=True)
-    subprocess.run([sys.executable, 'tools/make_digits_coco.py'], cwd=ROOT, check=True)
-    subprocess.run([sys.executable, 'tools/pretrain_backbone.py'], cwd=ROOT, check=True)
+    if not a.report:
+        subprocess.run([sys.executable, 'tools/make_digits_coco.py'], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, 'tools/pretrain_backbone.py'], cwd=ROOT, check=True)
     log = os.path.join(out, 'runs.jsonl')
     rows = []
     if os.path.exists(log):
@@ -159,7 +162,7 @@ def main(argv=None):
             rows = [json.loads(line) for line in f if line.strip()]
 
     def ensure(batch, arm, seed):
-        if any(r['batch'] == batch and r['arm'] == arm and r['seed'] == seed for r in rows):
+        if a.report or any(r['batch'] == batch and r['arm'] == arm and r['seed'] == seed for r in rows):
             return
         rows.append(run_one(batch, arm, seed, a.port))
         with open(log, 'a') as f:
@@ -169,6 +172,8 @@ def main(argv=None):
     for seed in a.seeds:
         for batch, arm in cells:
             ensure(batch, arm, seed)
+    if not rows:
+        sys.exit(f'no runs in {log}')
     if a.third_seed:
         for batch in sorted({b for b, _ in cells}, reverse=True):
             for arm in ['cbn'] + close_to_cbn(rows, batch):
@@ -182,12 +187,22 @@ def main(argv=None):
     with open(os.path.join(out, 'results.json'), 'w') as f:
         json.dump(dict(args=vars(a), paper_mask_rcnn_4xb4=PAPER, summary=summary), f, indent=1)
     plot(rows, os.path.join(out, 'map_by_arm.png'))
-    print('\n            arm  batch  box mAP (mean+-std)  mask mAP      seeds  paper box/mask (4x4)')
+    table = markdown_table(summary)
+    with open(os.path.join(out, 'table.md'), 'w') as f:
+        f.write(table)
+    print('\n' + table)
+
+
+def markdown_table(summary):
+    """Mean +- std over seeds per cell, the paper's Mask R-CNN row (COCO, 4x4) beside it."""
+    lines = ['| per-GPU batch | norm in FPN + heads | box mAP | mask mAP | seeds | paper box / mask AP (COCO, 4x4) |',
+             '|---|---|---|---|---|---|']
     for v in summary.values():
         paper = PAPER.get(v['arm']) if v['batch'] == 4 else None
-        print(f"{LABELS[v['arm']]:>19s}  4x{v['batch']}  {v['bbox_mAP']:.3f}+-{v['bbox_mAP_std']:.3f}"
-              f"  {v['segm_mAP']:.3f}+-{v['segm_mAP_std']:.3f}  {len(v['seeds'])}"
-              f"  {'%.1f / %.1f' % paper if paper else ''}")
+        lines.append(f"| 4x{v['batch']} | {LABELS[v['arm']]} | {v['bbox_mAP']:.3f} +- {v['bbox_mAP_std']:.3f} "
+                     f"| {v['segm_mAP']:.3f} +- {v['segm_mAP_std']:.3f} | {len(v['seeds'])} "
+                     f"| {'%.1f / %.1f' % paper if paper else ''} |")
+    return '\n'.join(lines) + '\n'
 
 
 if __name__ == '__main__':
