@@ -20,8 +20,10 @@ def test_summary_and_the_third_seed_rule():
     assert s['cbn_4xb4']['bbox_mAP'] == pytest.approx(0.31)
     assert s['cbn_4xb4']['bbox_mAP_std'] == pytest.approx(0.01)
     assert s['gn_4xb4']['seeds'] == [0, 1]
-    assert pt.close_to_cbn(rows, 4) == ['gn']
-    assert pt.close_to_cbn(rows, 1) == []  # no CBN run at that batch
+    assert pt.best_other_if_close(rows, 4) == ['gn']
+    assert pt.best_other_if_close(rows, 1) == []  # no CBN run at that batch
+    far = rows + [_row(4, 'none', 0, 0.50, 0.40), _row(4, 'none', 1, 0.50, 0.40)]
+    assert pt.best_other_if_close(far, 4) == []   # the best other arm is far above CBN
     assert '| 4x4 | GN | 0.325 +- 0.010 | 0.110 +- 0.010 | 2 | 38.5 / 35.0 |' in pt.markdown_table(s)
 
 
