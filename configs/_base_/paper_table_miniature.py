@@ -13,7 +13,7 @@
 # - schedule length: 12 epochs of 200 images with the 1x shape (lr steps at epochs 8 and 11);
 #   the linear warmup (from 1/3) lasts 1 epoch instead of 500 iterations. CBN's burn-in stays the
 #   real configs': until the first lr step.
-# Sized so that the whole study (tools/studies/paper_table.py) fits in about 1.5 h on 2 cores.
+# Sized so that the whole study (tools/studies/paper_table.py) fits in about 2 h on 2 cores.
 _data_root = 'data/digits_coco/'
 _train_pipeline = [
     dict(type='LoadImageFromFile'),
