@@ -81,7 +81,7 @@ def main(argv=None):
     settings = {k: v for k, v in vars(a).items() if k != 'out'}
     out = osp.join(ROOT, a.out) if not osp.isabs(a.out) else a.out
     if osp.exists(out):
-        meta = torch.load(out, map_location='cpu', weights_only=False).get('meta', {})
+        meta = torch.load(out, map_location='cpu', weights_only=True).get('meta', {})
         if meta.get('settings') == settings:
             print(f'{a.out}: already there (val accuracy {meta["val_accuracy"]:.4f})')
             return meta

@@ -82,19 +82,18 @@ class CBNHook(Hook):
             return
         msg = f'CBNHook: {len(layers)} CBN layers'
         per_epoch = len(runner.train_dataloader)
-
-        def iterations(epochs):
-            return first_lr_step(runner) if epochs == FIRST_LR_STEP else burnin_iterations(epochs, per_epoch)
         groups = {}
         for name, m in named:
             epochs = self._epochs_for(name)
             if epochs is not None:
-                m.burnin = iterations(epochs)
-                groups.setdefault(epochs, []).append(name)
-        for epochs, names in sorted(groups.items(), key=lambda kv: str(kv[0])):
-            where = '' if len(groups) == 1 else f' for {len(names)} layers ({names[0]}, ...)'
+                groups.setdefault(epochs, []).append((name, m))
+        for epochs, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            iters = first_lr_step(runner) if epochs == FIRST_LR_STEP else burnin_iterations(epochs, per_epoch)
+            for _, m in members:
+                m.burnin = iters
+            where = '' if len(groups) == 1 else f' for {len(members)} layers ({members[0][0]}, ...)'
             what = 'until the first lr step' if epochs == FIRST_LR_STEP else f'{epochs} epochs'
-            msg += f'; burn-in {what} = {iterations(epochs)} iterations{where}'
+            msg += f'; burn-in {what} = {iters} iterations{where}'
         if groups:
             msg += f' ({per_epoch} iterations per epoch on each of {runner.world_size} processes)'
         windows = sorted({m.window for m in layers})

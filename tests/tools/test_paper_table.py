@@ -58,7 +58,7 @@ def test_a_study_config_trains_through_dist_train(tmp_path, monkeypatch):
                    env=dict(OMP_NUM_THREADS='1'))
     assert f'load model from: {ckpt}' in out
     assert 'Epoch(train) [1][4/4]' in out        # 8 images / (1 per process x 2 processes)
-    metrics, loss = pt.final_metrics(work)
+    metrics, loss = pt.final_records(work)
     assert 0.0 <= metrics['coco/bbox_mAP'] <= 1.0 and 0.0 <= metrics['coco/segm_mAP'] <= 1.0
     assert loss is not None and loss == loss
     from mmengine.config import Config

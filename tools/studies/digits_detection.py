@@ -22,16 +22,24 @@ CONFIG = 'configs/studies/mask-rcnn_r18-w32-gn_fpn_{}_1xb2-3e_digits.py'
 NORMS = ('bn', 'gn', 'cbn')
 
 
-def final_metrics(work_dir):
-    """The last evaluation's metrics from the run's vis_data/scalars.json."""
+def final_records(work_dir):
+    """The last evaluation's metrics and the last logged training loss, from the run's
+    vis_data/scalars.json."""
     files = sorted(glob.glob(os.path.join(work_dir, '*', 'vis_data', 'scalars.json')))
-    metrics = {}
+    metrics, loss = {}, None
     with open(files[-1]) as f:
         for line in f:
             rec = json.loads(line)
             if 'coco/bbox_mAP' in rec:
                 metrics = rec
-    return metrics
+            elif 'loss' in rec:
+                loss = rec['loss']
+    return metrics, loss
+
+
+def final_metrics(work_dir):
+    """The last evaluation's metrics of the run."""
+    return final_records(work_dir)[0]
 
 
 def plot(rows, path):

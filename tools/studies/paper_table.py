@@ -15,7 +15,6 @@ finishes), results.csv, results.json, table.md and map_by_arm.png under --out.
 """
 import argparse
 import csv
-import glob
 import json
 import os
 import subprocess
@@ -25,6 +24,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+from tools.studies.digits_detection import final_records  # noqa: E402  (study 3's reader)
 CONFIG = 'configs/studies/paper_table/mask-rcnn_r18-w32-digits_fpn_{arm}_4xb{batch}-12e_digits.py'
 ARMS = ('none', 'bn', 'syncbn', 'gn', 'cbn', 'synccbn', 'cbn-early')
 LABELS = dict(none='- (frozen BN only)', bn='BN (per process)', syncbn='SyncBN', gn='GN',
@@ -38,20 +39,6 @@ PAPER = dict(none=(37.6, 34.0), syncbn=(38.5, 34.3), gn=(38.5, 35.0), cbn=(38.4,
 KEYS = ('bbox_mAP', 'segm_mAP')
 
 
-def final_metrics(work_dir):
-    """The last evaluation's metrics from the run's vis_data/scalars.json."""
-    files = sorted(glob.glob(os.path.join(work_dir, '*', 'vis_data', 'scalars.json')))
-    metrics, loss = {}, None
-    with open(files[-1]) as f:
-        for line in f:
-            rec = json.loads(line)
-            if 'coco/bbox_mAP' in rec:
-                metrics = rec
-            elif 'loss' in rec:
-                loss = rec['loss']
-    return metrics, loss
-
-
 def run_one(batch, arm, seed, port):
     work = os.path.join('work_dirs', 'study_paper_table', f'{arm}_4xb{batch}_seed{seed}')
     env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(port))
@@ -63,7 +50,7 @@ def run_one(batch, arm, seed, port):
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode:
         sys.exit(f'{arm} 4xb{batch} seed {seed} failed:\n{proc.stdout[-6000:]}')
-    m, loss = final_metrics(os.path.join(ROOT, work))
+    m, loss = final_records(os.path.join(ROOT, work))
     return dict(batch=batch, arm=arm, seed=seed, bbox_mAP=m['coco/bbox_mAP'],
                 bbox_mAP_50=m['coco/bbox_mAP_50'], segm_mAP=m['coco/segm_mAP'],
                 segm_mAP_50=m['coco/segm_mAP_50'], final_loss=loss,
