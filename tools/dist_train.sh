@@ -2,7 +2,8 @@
 # Distributed training with torchrun, like MMDetection's script:
 #   bash tools/dist_train.sh CONFIG GPUS [train.py options...]
 # Several nodes: NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 PORT=29500 bash tools/dist_train.sh ...
-# (run once per node with its NODE_RANK). PYTHON picks the interpreter (default: the repo's .venv).
+# (run once per node with its NODE_RANK). PYTHON=/path/to/python picks the interpreter (default:
+# the repo's .venv, else python on PATH); the script says which one it uses.
 # Without CUDA the processes use the gloo backend on CPU.
 set -euo pipefail
 CONFIG=$1
@@ -12,7 +13,7 @@ NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 HERE=$(cd "$(dirname "$0")" && pwd)
-PYTHON=${PYTHON:-$([ -x "$HERE/../.venv/bin/python" ] && echo "$HERE/../.venv/bin/python" || echo python)}
+. "$HERE/_python.sh"  # PYTHON: set, else the repo's .venv, else python on PATH; must import torch
 PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" \
 "$PYTHON" -m torch.distributed.run \
     --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \

@@ -38,8 +38,20 @@ def apply_train_args(cfg, args):
     return cfg
 
 
+def check_amp_device(args) -> None:
+    """--amp needs an accelerator (mmengine's AmpOptimWrapper refuses a CPU-only machine, but
+    only after the model is built): exit with one line instead."""
+    if not args.amp:
+        return
+    from mmengine.device import get_device
+    if get_device() == 'cpu':
+        raise SystemExit('tools/train.py: error: --amp needs a CUDA (or NPU/MLU/MUSA) device and '
+                         'this machine has none; train without --amp (float32) on CPU.')
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_amp_device(args)
     cfg = apply_train_args(load_config(args), args)
     runner = build_runner(cfg)
     runner.train()

@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import compat
 from .conv_trace import ConvRecord
 from .kernels import memory_format, stats_dtype
 
@@ -33,7 +34,7 @@ class exact_fp32:
         self.autocast = None
         if self.prec != 'highest':
             torch.set_float32_matmul_precision('highest')
-        if torch.is_autocast_enabled(self.device_type):
+        if compat.autocast_enabled(self.device_type):
             self.autocast = torch.autocast(self.device_type, enabled=False)
             self.autocast.__enter__()
 

@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import compat
+
 DIMS = (0, 2, 3)
 
 
@@ -101,7 +103,7 @@ class PortableKernels:
             g, y, w, None, None, mean, invstd, True, 0.0, [need_x, need_w, need_b])
         if need_x:
             rest = (1 - inv_n) * invstd if weight is None else (weight.to(mean.dtype) - w) * invstd
-            gx.addcmul_(g, rest.view(1, -1, 1, 1))
+            compat.addcmul_into(gx, g, rest.view(1, -1, 1, 1))
         return gx, gw, gb
 
     @staticmethod

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import kernels
+from . import compat, kernels
 from .conv_trace import find_producing_conv
 from .functional import CountNormalize, derivatives, exact_fp32, non_finite, pool, window_factors
 from .kernels import stats_dtype
@@ -32,6 +32,17 @@ def _check_bool(name, value):
     if not isinstance(value, bool):
         raise ValueError(f'CBN option `{name}` must be True or False, got {value!r}')
     return value
+
+
+def _reject_unknown(cls, unknown: dict) -> None:
+    """A misspelt option (``windw=4``) is a ValueError that lists the valid ones, not Python's
+    TypeError from deep inside mmcv's ``build_norm_layer``."""
+    if unknown:
+        import inspect
+        valid = [p for p in inspect.signature(cls.__init__).parameters
+                 if p not in ('self', 'unknown', 'num_features')]
+        raise ValueError(f'{cls.__name__}: unknown option(s) {sorted(unknown)}; valid options: '
+                         f'{", ".join(valid)} (and `requires_grad` in an mmcv norm_cfg)')
 
 
 def _row(buf: Tensor, i: int) -> Tensor:
@@ -57,7 +68,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window: int = 4,
-                 burnin: int = 0, compensate: bool = True, device=None, dtype=None):
+                 burnin: int = 0, compensate: bool = True, device=None, dtype=None, **unknown):
+        _reject_unknown(type(self), unknown)
         num_features = _check_int('num_features', num_features, 1)
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
             raise ValueError(f'CBN option `eps` must be a float > 0, got {eps!r}')
@@ -166,7 +178,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         collective = self._collective()
         if y.numel() == 0 and not collective:
             return self._empty(y)
-        if torch._C._current_graph_task_id() != -1:
+        if compat.in_backward_recompute():
             return self._recompute(y)  # activation checkpointing reruns the forward in backward
         rec, why = find_producing_conv(y)
         stream = self._begin_call(y, rec.weight if rec is not None else None)
@@ -209,7 +221,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """The current conv weight as (C, K) when this call can compensate, else None."""
         if not (self.compensate and rec is not None and rec.weight is not None):
             return None
-        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        if compat.saved_tensors_hooks_active():
             # Under saved-tensor hooks (activation checkpointing) reading the conv's saved input
             # would trigger its recomputation or break the checkpoint.
             if not self._warned:

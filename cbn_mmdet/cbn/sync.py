@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from .functional import derivatives
-from .layer import CrossIterationBatchNorm2d
+from .layer import CrossIterationBatchNorm2d, _reject_unknown
 
 
 class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
@@ -21,7 +21,8 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window: int = 4,
                  burnin: int = 0, compensate: bool = True, process_group=None, device=None,
-                 dtype=None):
+                 dtype=None, **unknown):
+        _reject_unknown(type(self), unknown)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, window,
                          burnin, compensate, device, dtype)
         self.process_group = process_group

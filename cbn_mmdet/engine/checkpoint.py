@@ -5,6 +5,9 @@ mmengine 0.10.7 calls ``torch.load`` without ``weights_only``; torch >= 2.6 defa
 hub's ``HistoryBuffer``, its statistics methods, and numpy arrays), so ``--resume``, ``load_from`` and ``tools/test.py``
 fail with "Unsupported global". We replace mmengine's loader for local files by one that keeps
 ``weights_only=True`` and allows exactly those types, and only while it loads.
+
+Allowing types needs ``torch.serialization.safe_globals`` (torch >= 2.5). Older torch loads
+with ``weights_only=False`` by default, so mmengine's own loader works there and is kept.
 """
 import pickle
 
@@ -42,21 +45,34 @@ def mmengine_safe_globals() -> list:
     return globs
 
 
-def load_local_checkpoint(filename, map_location=None):
+def needs_safe_loader() -> bool:
+    """Whether mmengine's loader needs replacing: torch can allow types (and so defaults to or
+    offers safe loading). Earlier torch keeps mmengine's loader."""
+    return hasattr(torch.serialization, 'safe_globals')
+
+
+# mmengine logs "Loads checkpoint by <name[10:]> backend": this one reads "local_safe backend".
+def load_from_local_safe(filename, map_location=None):
     """mmengine's local-file loader with safe loading kept on and mmengine's types allowed."""
     import os.path as osp
     filename = osp.expanduser(filename)
     if not osp.isfile(filename):
         raise FileNotFoundError(f'{filename} can not be found.')
+    if not needs_safe_loader():  # torch < 2.5: no allow-list; load as mmengine does there
+        return torch.load(filename, map_location=map_location)
     with torch.serialization.safe_globals(mmengine_safe_globals()):
         return torch.load(filename, map_location=map_location, weights_only=True)
 
 
+load_local_checkpoint = load_from_local_safe
+
+
 def install_checkpoint_loader():
-    """Register :func:`load_local_checkpoint` as mmengine's loader for local paths (idempotent)."""
+    """Register :func:`load_from_local_safe` as mmengine's loader for local paths (idempotent;
+    nothing to do on torch < 2.5, see the module docstring)."""
     global _installed
-    if _installed:
+    if _installed or not needs_safe_loader():
         return
     from mmengine.runner.checkpoint import CheckpointLoader
-    CheckpointLoader.register_scheme(prefixes='', force=True)(load_local_checkpoint)
+    CheckpointLoader.register_scheme(prefixes='', force=True)(load_from_local_safe)
     _installed = True

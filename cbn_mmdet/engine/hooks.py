@@ -99,6 +99,24 @@ class CBNHook(Hook):
         windows = sorted({m.window for m in layers})
         msg += f'; window {windows}; steps already seen by the first layer: {layers[0]._step}'
         runner.logger.info(msg)
+        self._warn_if_never_windowed(runner, named)
+
+    @staticmethod
+    def _warn_if_never_windowed(runner, named) -> None:
+        """One warning when burn-ins last the whole run (a shortened schedule, say): those
+        layers are plain BatchNorm2d throughout, which is worth knowing before the run."""
+        total = runner.max_iters
+        stuck = [(n, m.burnin) for n, m in named if m.window > 1 and m.burnin >= total]
+        if not stuck:
+            return
+        names = ', '.join(n for n, _ in stuck[:4]) + (', ...' if len(stuck) > 4 else '')
+        burnins = sorted({b for _, b in stuck})
+        runner.logger.warning(
+            f'CBNHook: {len(stuck)} of {len(named)} CBN layers ({names}) have a burn-in of '
+            f'{burnins[0] if len(burnins) == 1 else burnins} iterations, at least the '
+            f"{total} training iterations of this run: they train as plain BatchNorm2d "
+            'throughout and never use their window. Shorten `burnin_epochs` (or the layers\' '
+            '`burnin`) or train longer.')
 
 
 @HOOKS.register_module()

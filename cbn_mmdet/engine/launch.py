@@ -61,9 +61,22 @@ def _init_cpu_distributed(cfg) -> None:
             find_unused_parameters=cfg.get('find_unused_parameters', False))
 
 
+def quiet_broadcast_buffers_deprecation() -> None:
+    """torch >= 2.13 deprecates DDP's ``broadcast_buffers`` with a FutureWarning in every
+    process. mmengine (and our CPU wrapping) pass ``broadcast_buffers=False`` so that every
+    process keeps its own BN/CBN statistics and windows, never synced; the replacement
+    (``forward_sync_buffers=False``) still syncs buffers at wrapping, and torch's message itself
+    says to keep ``broadcast_buffers=False`` for rank-local buffers. Only that message is hidden."""
+    import warnings
+    warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated',
+                            category=FutureWarning)
+
+
 def build_runner(cfg):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
+    if cfg.launcher != 'none':
+        quiet_broadcast_buffers_deprecation()
     _init_cpu_distributed(cfg)
     return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
 

@@ -170,4 +170,14 @@ def emulated_cuda_kernels(select_fused=True):
         yield
     finally:
         kernels.select = original
+        _unregister(lib)
+
+
+def _unregister(lib) -> None:
+    """Remove the library's kernels: ``Library._destroy`` (torch >= 2.4); before that, drop the
+    C++ library object (its destructor deregisters them) and torch.library's record of them."""
+    if hasattr(lib, '_destroy'):
         lib._destroy()
+        return
+    lib.m = None
+    torch.library._impls.difference_update(lib._op_impls)
