@@ -4,7 +4,46 @@ import os.path as osp
 import subprocess
 import sys
 
+import warnings
+
+import pytest
+import torch
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def _works(fn) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return bool(fn())
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _fp16_autocast_cpu():
+    with torch.autocast('cpu', dtype=torch.float16):
+        return torch.ones(2, 2).mm(torch.ones(2, 2)).dtype == torch.float16
+
+
+def _fp16_conv_cpu():
+    x = torch.ones(1, 1, 3, 3, dtype=torch.float16)
+    return torch.nn.functional.conv2d(x, x).dtype == torch.float16
+
+
+# What an older torch lacks on CPU (torch 2.1: autocast only with bfloat16, no float16 conv).
+# Tests needing these skip there with the reason; on torches that have them nothing is skipped.
+CPU_FP16_AUTOCAST = _works(_fp16_autocast_cpu)
+CPU_FP16_CONV = _works(_fp16_conv_cpu)
+needs_cpu_fp16_autocast = pytest.mark.skipif(
+    not CPU_FP16_AUTOCAST, reason=f'torch {torch.__version__} has no float16 autocast on CPU '
+                                  '(AutocastCPU supports only bfloat16 before torch 2.4)')
+needs_cpu_fp16_conv = pytest.mark.skipif(
+    not CPU_FP16_CONV, reason=f'torch {torch.__version__} has no float16 conv2d on CPU '
+                              '("slow_conv2d_cpu" not implemented for Half)')
+# float16 as a parametrize value for tests that run it through CPU autocast / CPU convs
+FP16_AUTOCAST_CPU = pytest.param(torch.float16, marks=needs_cpu_fp16_autocast, id='float16')
+FP16_CONV_CPU = pytest.param(torch.float16, marks=needs_cpu_fp16_conv, id='float16')
 QUICKSTART = 'configs/quickstart/mask-rcnn_r18-w32_fpn_cbn_1xb8-8e_digits.py'
 
 

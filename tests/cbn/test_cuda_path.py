@@ -13,6 +13,7 @@ from cbn_mmdet.cbn import functional as cbn_functional
 from cbn_mmdet.cbn.conv_trace import find_producing_conv
 from cbn_mmdet.cbn.functional import compensation_terms, weight_derivatives
 from tests.cbn import cuda_emulation as emu
+from tests.helpers import FP16_AUTOCAST_CPU, FP16_CONV_CPU
 
 F64 = torch.float64
 
@@ -122,7 +123,7 @@ def test_dead_channel_keeps_the_window_on_the_cuda_branch():
         torch.testing.assert_close(a[:, live], b[:, live], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('dtype', [FP16_CONV_CPU, torch.bfloat16])
 @pytest.mark.parametrize('fused', [False, True])
 def test_low_precision_model_trains(dtype, fused):
     """A model converted with .half() / .bfloat16(): statistics and window in float32, the
@@ -152,7 +153,7 @@ def _derivs_ref(conv, x):
     return dmu[0].reshape(1, -1), dnu.reshape(y.shape[1], -1)
 
 
-@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('dtype', [FP16_AUTOCAST_CPU, torch.bfloat16])
 def test_autocast_derivatives_finite_and_float32_at_fpn_p2_size(dtype):
     """m = 4 * 160 * 160 positions and |E[y x]| ~ 300: the fp16 patch sum (~1e5) and the fp16
     weight-gradient conv (sqrt(m) E[y x] ~ 1e5) overflowed; both must stay finite float32
@@ -176,7 +177,7 @@ def test_autocast_derivatives_finite_and_float32_at_fpn_p2_size(dtype):
     assert ((dnu.double() - ref_nu).abs().max() / ref_nu.abs().max()) < tol
 
 
-@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('dtype', [FP16_AUTOCAST_CPU, torch.bfloat16])
 def test_autocast_compensation_term_keeps_float32_precision(dtype):
     """The compensation is <d, W_t> - <d, W_s> with W_t ~ W_s: computed under autocast it must
     match float64 to float32 accuracy (a half-precision matmul loses all of it)."""

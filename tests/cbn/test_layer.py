@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from cbn_mmdet.cbn import CrossIterationBatchNorm2d
 from tests.cbn.reference import ReferenceCBN
+from tests.helpers import FP16_AUTOCAST_CPU
 
 # every test runs on the portable kernels and on the CUDA branch (emulated kernels)
 pytestmark = pytest.mark.usefixtures('kernel_set')
@@ -294,7 +295,7 @@ def test_wrong_input_rank_is_rejected():
         CrossIterationBatchNorm2d(3)(torch.randn(2, 3, 4))
 
 
-@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, FP16_AUTOCAST_CPU])
 def test_cpu_autocast_keeps_float32_statistics(dtype):
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 8, 3, padding=1)
