@@ -4,6 +4,8 @@
 #
 #   bash tools/setup_env.sh                      # the pinned stack (requirements/build.txt) in .venv
 #   bash tools/setup_env.sh --torch 2.1.2        # the oldest supported torch, in .venv-torch2.1.2
+#   PIP_CONSTRAINT=/dev/null bash tools/setup_env.sh --torch 2.15.0   # newer than this machine's
+#                                                # pip cap (/etc/xdg/pip), for a one-off check
 #
 # --torch VERSION installs that torch (and its torchvision, from the table below or
 # --torchvision) into its own venv (default .venv-torch<VERSION>); everything else is the same
@@ -22,13 +24,15 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
-# torch -> torchvision for the releases we test; others need --torchvision.
-declare -A TORCHVISION_FOR=([2.1.2]=0.16.2 [2.4.1]=0.19.1 [2.14.1]=0.29.1 [2.15.0]=0.30.0)
+# torch -> torchvision for the releases we test; others need --torchvision. 'none': the stack
+# does not import torchvision (mmcv/mmengine only lazily, for paths our configs do not use), and
+# the index served no torchvision for torch 2.15.0 (checked 2026-12-02).
+declare -A TORCHVISION_FOR=([2.1.2]=0.16.2 [2.4.1]=0.19.1 [2.14.1]=0.29.1 [2.15.0]=none)
 TORCH= TORCHVISION=
 while [ $# -gt 0 ]; do
     case "$1" in
         --torch) [ $# -ge 2 ] || die "--torch needs a version, e.g. --torch 2.1.2"; TORCH=$2; shift 2 ;;
-        --torchvision) [ $# -ge 2 ] || die "--torchvision needs a version"; TORCHVISION=$2; shift 2 ;;
+        --torchvision) [ $# -ge 2 ] || die "--torchvision needs a version (or none)"; TORCHVISION=$2; shift 2 ;;
         -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) die "unknown option '$1' (allowed: --torch VERSION, --torchvision VERSION)" ;;
     esac
@@ -59,7 +63,8 @@ PIP=("$PY" -m pip --disable-pip-version-check)
 #    setuptools keeps pkg_resources (mmcv's setup.py and mmengine's `mmdet::` configs import it).
 PINS=()   # constraints kept for every later install into this venv
 if [ -n "$TORCH" ]; then
-    printf 'torch==%s\ntorchvision==%s\n' "$TORCH" "$TORCHVISION" > "$VENV/torch-pins.txt"
+    printf 'torch==%s\n' "$TORCH" > "$VENV/torch-pins.txt"
+    [ "$TORCHVISION" = none ] || printf 'torchvision==%s\n' "$TORCHVISION" >> "$VENV/torch-pins.txt"
     if [ "$minor" -lt 3 ]; then  # built against numpy 1: numpy 2 breaks torch.from_numpy
         cat "$ROOT/requirements/numpy1.txt" >> "$VENV/torch-pins.txt"
     fi

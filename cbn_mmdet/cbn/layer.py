@@ -1,7 +1,5 @@
 """Cross-Iteration Batch Normalization as a drop-in ``_BatchNorm`` subclass."""
-import numbers
 import warnings
-import weakref
 from typing import Optional
 
 import torch
@@ -13,36 +11,13 @@ from . import compat, kernels
 from .conv_trace import find_producing_conv
 from .functional import CountNormalize, derivatives, exact_fp32, non_finite, pool, window_factors
 from .kernels import stats_dtype
+from .options import check_bool, check_eps, check_int, check_momentum, reject_unknown
+from .steps import MAX_CALLS_PER_STEP, StepTracker  # noqa: F401  (re-exported)
 from .window import BUFFERS, SAVED_BUFFERS, RingWindow, adapt_state, register_buffers, saved_state
 
 # State saved in the state_dict next to BN's own buffers: the window in the checkpoint layout
 # (window.py) and the two counters.
 STATE_BUFFERS = SAVED_BUFFERS + ('cbn_valid', 'cbn_head', 'cbn_step', 'cbn_skipped')
-# More calls than this in one step (no backward, no update in between) are taken as new steps.
-MAX_CALLS_PER_STEP = 16
-
-
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f'CBN option `{name}` must be an integer >= {low}, got {value!r}')
-    return int(value)
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(f'CBN option `{name}` must be True or False, got {value!r}')
-    return value
-
-
-def _reject_unknown(cls, unknown: dict) -> None:
-    """A misspelt option (``windw=4``) is a ValueError that lists the valid ones, not Python's
-    TypeError from deep inside mmcv's ``build_norm_layer``."""
-    if unknown:
-        import inspect
-        valid = [p for p in inspect.signature(cls.__init__).parameters
-                 if p not in ('self', 'unknown', 'num_features')]
-        raise ValueError(f'{cls.__name__}: unknown option(s) {sorted(unknown)}; valid options: '
-                         f'{", ".join(valid)} (and `requires_grad` in an mmcv norm_cfg)')
 
 
 def _row(buf: Tensor, i: int) -> Tensor:
@@ -69,18 +44,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window: int = 4,
                  burnin: int = 0, compensate: bool = True, device=None, dtype=None, **unknown):
-        _reject_unknown(type(self), unknown)
-        num_features = _check_int('num_features', num_features, 1)
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
-            raise ValueError(f'CBN option `eps` must be a float > 0, got {eps!r}')
-        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
-                                     or not 0.0 <= momentum <= 1.0):
-            raise ValueError(f'CBN option `momentum` must be None or a float in [0, 1], got {momentum!r}')
-        super().__init__(num_features, float(eps), momentum, _check_bool('affine', affine),
-                         _check_bool('track_running_stats', track_running_stats), device, dtype)
-        self.window = _check_int('window', window, 1)
-        self.burnin = _check_int('burnin', burnin, 0)
-        self.compensate = _check_bool('compensate', compensate)
+        reject_unknown(type(self), unknown)
+        super().__init__(check_int('num_features', num_features, 1), check_eps(eps),
+                         check_momentum(momentum), check_bool('affine', affine),
+                         check_bool('track_running_stats', track_running_stats), device, dtype)
+        self.window = check_int('window', window, 1)
+        self.burnin = check_int('burnin', burnin, 0)
+        self.compensate = check_bool('compensate', compensate)
         register_buffers(self, device, dtype or torch.get_default_dtype())
         self.register_buffer('cbn_step', torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer('cbn_skipped', torch.zeros((), dtype=torch.long, device=device))
@@ -106,15 +76,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     # ------------------------------------------------------------------ host-side bookkeeping
     def _reset_host_state(self):
-        self._step = int(self.cbn_step)            # mirrors cbn_step without device syncs
+        self.steps = StepTracker(int(self.cbn_step), self._name)  # mirrors cbn_step, no syncs
         self._tracked = int(self.num_batches_tracked) if self.track_running_stats else 0
         self.ring = RingWindow(self)
-        self._calls = 0                            # calls so far in the current step
-        self._backward_seen = True                 # a backward ran since the last call
-        self._signature = None                     # parameter versions at the last call
-        self._replay: list = []                    # per call of this step, for recomputation
         self._warned = False
         self._work: dict = {}                      # scratch tensors, see _scratch
+
+    @property
+    def _step(self) -> int:
+        """Training steps begun so far (host copy of ``cbn_step``)."""
+        return self.steps.step
 
     def reset_window(self):
         """Forget the stored iterations (the step counter and running statistics are kept)."""
@@ -128,44 +99,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return self.layer_name or f'{type(self).__name__}({self.num_features}) at {id(self):#x}'
 
     def _begin_call(self, y: Tensor, conv_weight: Optional[Tensor]) -> int:
-        """Advance the step if a new training step started; return this call's stream index.
-
-        A new step starts when a backward pass has reached this layer since its last call, when
-        a parameter it can see (its conv's weight, its own affine parameters) changed since then,
-        or on every call when no gradient can flow. Further calls in the same step (a head shared
-        across FPN levels) get their own streams: the i-th call of a step pools with the i-th
-        calls of earlier steps, never with other calls of the same step.
-        """
-        params = [p for p in (conv_weight, self.weight, self.bias) if p is not None and p.requires_grad]
-        signature = tuple(p._version for p in params)
-        grads_flow = torch.is_grad_enabled() and (y.requires_grad or bool(params))
-        if self._calls >= MAX_CALLS_PER_STEP and not self._backward_seen:
-            warnings.warn(f'{self._name()} was called {self._calls} times in training mode with '
-                          'no backward pass or parameter update in between; treating each further '
-                          'call as a new training step. Call backward() per step, or run such '
-                          'passes under torch.no_grad().')
-            self._backward_seen = True
-        host = self.__dict__  # plain attributes: skip nn.Module.__setattr__ on this hot path
-        if self._backward_seen or signature != self._signature or not grads_flow:
-            host['_step'] = self._step + 1
-            self.cbn_step.fill_(self._step)
-            host.update(_calls=0, _replay=[], _backward_seen=False)
-        host.update(_signature=signature, _calls=self._calls + 1)
-        return self._calls - 1
-
-    def _watch_backward(self, out: Tensor):
-        if out.requires_grad:
-            out.register_hook(self._backward_marker())
-
-    def _backward_marker(self):
-        """A callable that records (weakly) that a backward pass reached this layer."""
-        ref = weakref.ref(self)
-
-        def _seen(*_):
-            mod = ref()
-            if mod is not None:
-                mod.__dict__['_backward_seen'] = True
-        return _seen
+        """Account for a training call (:class:`StepTracker`); return its stream index."""
+        if self.steps.begin_call(y, (conv_weight, self.weight, self.bias)):
+            self.cbn_step.fill_(self.steps.step)
+        return self.steps.stream
 
     # ------------------------------------------------------------------ forward
     # Host-side bookkeeping and autograd-graph inspection cannot be traced: torch.compile runs
@@ -184,11 +121,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         stream = self._begin_call(y, rec.weight if rec is not None else None)
         use_window = self.window > 1 and self._step - 1 >= self.burnin
         if not use_window and not collective:
-            self._replay.append(None)
+            self.steps.record(None)
             if self.track_running_stats:
                 self._tracked += 1
             out = super().forward(y)  # burn-in and window=1: BatchNorm2d exactly
-            self._watch_backward(out)
+            self.steps.watch(out)
             return out
         return self._cbn_forward(y, stream if use_window else None, rec, why)
 
@@ -280,9 +217,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 self.ring.push(stream, moments, derivs, proj, bad)
             self._update_running(stats, row, bad)
             counts = kern.counts(row, int_counts, nvalid)
-            self._replay.append((mean, invstd, var, counts))
+            self.steps.record((mean, invstd, var, counts))
         return CountNormalize.apply(y, self.weight, self.bias, mean, invstd, var, self.eps, counts,
-                                    kern, self._grad_reducer(), self._backward_marker())
+                                    kern, self._grad_reducer(), self.steps.marker())
 
     def _record_probe(self, moments, past, valid, stats):
         """For statistics studies: the mean/var that BN (this batch), plain averaging of the
@@ -327,21 +264,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def _recompute(self, y):
         """Rerun of this step's call by activation checkpointing: same statistics, no state change."""
-        if len(self._replay) != 1:
-            raise RuntimeError(
-                f'{self._name()} is being recomputed (activation checkpointing) but was called '
-                f'{len(self._replay)} times in this step; CBN supports checkpointing of layers '
-                'called once per step.')
-        saved = self._replay[0]
+        saved = self.steps.replayed()
         if saved is None:  # a BN step: batch statistics only
             out = F.batch_norm(y, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        else:
-            mean, invstd, var, counts = saved
-            return CountNormalize.apply(y, self.weight, self.bias, mean, invstd, var, self.eps,
-                                        counts, kernels.select(y), self._grad_reducer(),
-                                        self._backward_marker())
-        self._watch_backward(out)
-        return out
+            self.steps.watch(out)
+            return out
+        mean, invstd, var, counts = saved
+        return CountNormalize.apply(y, self.weight, self.bias, mean, invstd, var, self.eps,
+                                    counts, kernels.select(y), self._grad_reducer(),
+                                    self.steps.marker())
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn, *args, **kwargs):

@@ -5,7 +5,8 @@ import torch
 import torch.distributed as dist
 
 from .functional import derivatives
-from .layer import CrossIterationBatchNorm2d, _reject_unknown
+from .layer import CrossIterationBatchNorm2d
+from .options import reject_unknown
 
 
 class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
@@ -22,7 +23,7 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
                  affine: bool = True, track_running_stats: bool = True, window: int = 4,
                  burnin: int = 0, compensate: bool = True, process_group=None, device=None,
                  dtype=None, **unknown):
-        _reject_unknown(type(self), unknown)
+        reject_unknown(type(self), unknown)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, window,
                          burnin, compensate, device, dtype)
         self.process_group = process_group

@@ -11,6 +11,7 @@ class ReferenceCBN:
         self.eps, self.momentum = eps, momentum
         self.history = []  # newest first: (mu, nu, dmu/dW, dnu/dW, W snapshot)
         self.step = 0
+        self.tracked = 0  # batches seen by the running statistics (momentum=None: their mean)
         self.running_mean = torch.zeros(num_features, dtype=torch.float64)
         self.running_var = torch.ones(num_features, dtype=torch.float64)
 
@@ -41,7 +42,8 @@ class ReferenceCBN:
             self.history.insert(0, (mu.detach(), nu.detach(), dmu, dnu, w.detach().clone()))
             del self.history[self.window - 1:]
         with torch.no_grad():
-            f = self.momentum
+            self.tracked += 1
+            f = self.momentum if self.momentum is not None else 1.0 / self.tracked
             self.running_mean.mul_(1 - f).add_(f * mean.detach().double())
             self.running_var.mul_(1 - f).add_(f * var.detach().double() * count / (count - 1))
         shape = (1, -1, 1, 1)

@@ -287,6 +287,11 @@ def test_channels_last_stays_channels_last_on_the_cuda_branch(compensate):
         {op for op, fmts in emu.CALLS if torch.contiguous_format in fmts}
     for a, b in zip(outs, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the layer's output keeps the input's layout (the next conv would otherwise copy it back)
+    portable = _train(copy.deepcopy(conv).to(memory_format=torch.channels_last), copy.deepcopy(layer),
+                      [x.contiguous(memory_format=torch.channels_last) for x in xs])
+    for o in outs + portable:
+        assert o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous()
 
 
 class _Syncs(TorchDispatchMode):

@@ -18,15 +18,18 @@ CONVS = [
 ]
 
 
+@pytest.mark.parametrize('hw', [(11, 10), (40, 37)])  # one tap matrix / separable (> 1024 positions)
 @pytest.mark.parametrize('kw', CONVS)
-def test_mean_patch_matches_unfold(kw):
-    x = torch.randn(3, 4, 11, 10, dtype=torch.float64)
+def test_mean_patch_matches_unfold(kw, hw):
+    from cbn_mmdet.cbn import functional
+    assert (hw[0] * hw[1] > functional._KRON_MAX) == (hw == (40, 37))
+    x = torch.randn(3, 4, *hw, dtype=torch.float64)
     k = kw['kernel_size'] if isinstance(kw['kernel_size'], tuple) else (kw['kernel_size'],) * 2
     pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
     s, p, d = pair(kw.get('stride', 1)), pair(kw.get('padding', 0)), pair(kw.get('dilation', 1))
     cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (N, C*kh*kw, L)
-    ho = (11 + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
-    wo = (10 + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    ho = (hw[0] + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    wo = (hw[1] + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
     expected = cols.sum((0, 2)).reshape(4, *k)
     torch.testing.assert_close(mean_patch(x, k, s, p, d, (ho, wo)), expected)
 

@@ -69,6 +69,30 @@ def test_matches_reference_over_sgd_steps(conv_name, window, compensate):
         opt_ref.step()
 
 
+@pytest.mark.parametrize('burnin', [0, 2])
+def test_momentum_none_running_stats_are_the_mean_over_steps_with_a_window(burnin):
+    """``momentum=None`` with a window: running mean/var are the plain average, over all steps
+    so far, of the window statistics (unbiased with the pooled count), as the reference keeps
+    them; with a burn-in the BN steps count as well."""
+    conv = nn.Conv2d(3, 5, 3, padding=1).double()
+    cbn = CrossIterationBatchNorm2d(5, window=3, burnin=burnin, momentum=None).double()
+    conv_ref = copy.deepcopy(conv)
+    gamma, beta = cbn.weight.detach().clone(), cbn.bias.detach().clone()
+    ref = ReferenceCBN(5, 3, burnin=burnin, momentum=None)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.05)
+    opt_ref = torch.optim.SGD(conv_ref.parameters(), lr=0.05)
+    for step in range(7):
+        x = torch.randn(2, 3, 6, 6, dtype=F64) * (1 + step) + step
+        out, out_ref = cbn(conv(x)), ref(conv_ref, x, gamma, beta)
+        for o, p in ((out, opt), (out_ref, opt_ref)):
+            p.zero_grad()
+            o.square().sum().backward()
+            p.step()
+        assert rel(cbn.running_mean, ref.running_mean) < 1e-9
+        assert rel(cbn.running_var, ref.running_var) < 1e-9
+    assert cbn.num_batches_tracked.item() == 7
+
+
 def _train_pair(cbn, bn, steps, x_shape=(2, 4, 6, 6), momentum_ref=None):
     """Run conv+cbn and conv+bn side by side with SGD; yield per-step comparisons."""
     conv = nn.Conv2d(x_shape[1], cbn.num_features, 3, padding=1).double()
@@ -266,15 +290,28 @@ def test_plain_bn_checkpoint_loads_strict():
 
 
 def test_to_moves_window_state_and_dtype():
+    """``.double()`` (any ``.to()``) keeps every stored value and the step bookkeeping: the next
+    step equals that of a copy that stayed float32 (to float32 accuracy), and the state
+    round-trips back to float32 bit for bit."""
     layer = CrossIterationBatchNorm2d(4, window=3)
     conv = nn.Conv2d(2, 4, 3)
     for _ in range(3):
         layer(conv(torch.randn(2, 2, 5, 5))).sum().backward()
-    layer = layer.double()
-    conv = conv.double()
+    stay, stay_conv = copy.deepcopy(layer), copy.deepcopy(conv)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer, conv = layer.double(), conv.double()
     assert layer.cbn_dnu.dtype == F64 and layer.cbn_mu.dtype == F64
-    out = layer(conv(torch.randn(2, 2, 5, 5, dtype=F64)))
-    assert out.dtype == F64 and torch.isfinite(out).all()
+    for k, v in layer.state_dict().items():  # values moved, not reset
+        torch.testing.assert_close(v.to(before[k].dtype), before[k], rtol=0, atol=0)
+    back = copy.deepcopy(layer).float()
+    for k, v in back.state_dict().items():
+        assert v.dtype == before[k].dtype
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    x = torch.randn(2, 2, 5, 5)
+    out, ref = layer(conv(x.double())), stay(stay_conv(x))
+    assert out.dtype == F64 and layer.cbn_step.item() == 4 == stay.cbn_step.item()
+    torch.testing.assert_close(out.float(), ref, rtol=1e-4, atol=1e-4)
+    assert layer.cbn_valid.sum() == stay.cbn_valid.sum() == 2
 
 
 @pytest.mark.parametrize('kwargs,option', [
@@ -288,6 +325,15 @@ def test_to_moves_window_state_and_dtype():
 def test_bad_options_name_the_option(kwargs, option):
     with pytest.raises(ValueError, match=f'`{option}`'):
         CrossIterationBatchNorm2d(8, **kwargs)
+
+
+@pytest.mark.parametrize('cls', ['CBN', 'SyncCBN'])
+def test_misspelt_option_lists_the_valid_ones(cls):
+    from cbn_mmdet.cbn import SyncCrossIterationBatchNorm2d
+    layer_cls = CrossIterationBatchNorm2d if cls == 'CBN' else SyncCrossIterationBatchNorm2d
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['windw'\]; valid options: eps, "
+                                         r"momentum, affine, track_running_stats, window, burnin"):
+        layer_cls(8, windw=4)
 
 
 def test_wrong_input_rank_is_rejected():

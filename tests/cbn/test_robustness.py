@@ -133,8 +133,25 @@ def test_activation_checkpointing_recomputes_without_double_counting(reentrant):
 
 
 def test_too_many_calls_without_backward_warn_and_start_new_steps():
+    """Training-mode calls with gradients on but no backward (an evaluation loop left in train
+    mode): the first 16 are one step's streams; then one warning, and every further call is a
+    step of its own that pools with the previous calls, until a backward pass resets this."""
     conv, layer = _conv_cbn(window=2)
-    with pytest.warns(UserWarning, match='no backward pass'):
-        for _ in range(20):
-            layer(conv(torch.randn(2, 3, 4, 4, dtype=F64)))
+    xs = [torch.randn(2, 3, 4, 4, dtype=F64) * (i + 1) for i in range(21)]
+    with pytest.warns(UserWarning, match='no backward pass') as caught:
+        outs = [layer(conv(x)) for x in xs[:20]]
+    assert len([w for w in caught if 'no backward pass' in str(w.message)]) == 1
+    assert layer.cbn_step.item() == 1 + 4  # calls 17..20 each began a step
     assert layer.cbn_mu.shape[0] <= 16
+    # call 20 pooled with call 19 (stream 0, window 2; the weights did not change)
+    with torch.no_grad():
+        y19, y20 = conv(xs[18]), conv(xs[19])
+        mean = (y19.mean((0, 2, 3)) + y20.mean((0, 2, 3))) / 2
+        var = ((y19 * y19).mean((0, 2, 3)) + (y20 * y20).mean((0, 2, 3))) / 2 - mean * mean
+        expected = (y20 - mean.view(1, -1, 1, 1)) / (var + layer.eps).sqrt().view(1, -1, 1, 1)
+    torch.testing.assert_close(outs[19].detach(), expected)
+    # a backward pass ends the overflow: the next call starts one step, later ones join it
+    outs[19].sum().backward()
+    layer(conv(xs[20]))
+    layer(conv(xs[20]))
+    assert layer.cbn_step.item() == 6

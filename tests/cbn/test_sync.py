@@ -21,20 +21,20 @@ def _data(step):
         torch.randn(4, 6, 8, 8, generator=g, dtype=torch.float64)
 
 
-def _model(norm_cls):
+def _model(norm_cls, **norm_kw):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), norm_cls(6, window=3)).double()
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), norm_cls(6, **(norm_kw or dict(window=3)))).double()
 
 
-def _worker(rank, world, port, out_dir, fused=False, splits=SPLITS):
+def _worker(rank, world, port, out_dir, fused=False, splits=SPLITS, norm_kw=None):
     if fused:  # the CUDA branch, through CPU emulations of the fused kernels
         from tests.cbn.cuda_emulation import emulated_cuda_kernels
         with emulated_cuda_kernels():
-            return _worker(rank, world, port, out_dir, False, splits)
+            return _worker(rank, world, port, out_dir, False, splits, norm_kw)
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=world)
     torch.set_num_threads(1)
-    model = nn.parallel.DistributedDataParallel(_model(SyncCrossIterationBatchNorm2d))
+    model = nn.parallel.DistributedDataParallel(_model(SyncCrossIterationBatchNorm2d, **(norm_kw or {})))
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     records = []
     for step, split in enumerate(splits):
@@ -84,6 +84,37 @@ def test_sync_cbn_two_processes_equals_one_process_on_the_whole_batch(tmp_path, 
     for key, value in model[1].state_dict().items():
         torch.testing.assert_close(ranks[0]['state'][f'1.{key}'], value)
         torch.testing.assert_close(ranks[1]['state'][f'1.{key}'], value)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize('norm_kw', [dict(window=1), dict(window=3, burnin=100)],
+                         ids=['window-1', 'burn-in'])
+@pytest.mark.parametrize('fused', [False, True], ids=['portable', 'fused-emulated'])
+def test_sync_cbn_as_sync_bn_equals_batchnorm_on_the_whole_batch(tmp_path, fused, norm_kw):
+    """Window 1 and burn-in: synchronized BN. Outputs, gradients and running statistics equal
+    BatchNorm2d on the whole batch (uneven and empty per-process splits included)."""
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), fused, SPLITS, norm_kw), nprocs=2,
+             join=True)
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)).double()
+    model.load_state_dict({k: v for k, v in _model(CrossIterationBatchNorm2d).state_dict().items()
+                           if k in model.state_dict()})
+    opt = torch.optim.SGD(model.parameters(), lr=LR / 2)
+    for step, split in enumerate(SPLITS):
+        x, target = _data(step)
+        x = x.clone().requires_grad_()
+        out = model(x)
+        opt.zero_grad()
+        (out * target).sum().backward()
+        r0, r1 = ranks[0]['records'][step], ranks[1]['records'][step]
+        torch.testing.assert_close(torch.cat([r0['out'], r1['out']]), out.detach())
+        torch.testing.assert_close(torch.cat([r0['xgrad'], r1['xgrad']]), x.grad)
+        for g0, p in zip(r0['grads'], model.parameters()):
+            torch.testing.assert_close(2 * g0, p.grad)
+        opt.step()
+    for r in range(2):
+        for key in ('running_mean', 'running_var', 'num_batches_tracked'):
+            torch.testing.assert_close(ranks[r]['state'][f'1.{key}'], model[1].state_dict()[key])
 
 
 def test_sync_cbn_without_process_group_is_cbn():

@@ -37,6 +37,10 @@ def test_dist_train_resume_and_dist_test(tmp_path):
     out = _sh(['tools/dist_train.sh', QUICKSTART, '2', '--work-dir', work, '--cfg-options',
                'train_cfg.max_epochs=1'] + opts)
     assert 'using the gloo backend' in out
+    assert f'[cbn_mmdet] using Python {sys.executable}' in out
+    assert 'broadcast_buffers' not in out  # no FutureWarning from any process
+    # the 1-epoch run never leaves the 1-epoch burn-in: said once per process
+    assert out.count('have a burn-in of 4 iterations, at least the 4 training iterations') == 2
     # 16 images / (2 per process x 2 processes) = 4 iterations per epoch
     assert 'burn-in 1 epochs = 4 iterations (4 iterations per epoch on each of 2 processes)' in out
     assert osp.isfile(osp.join(work, 'epoch_1.pth'))
@@ -44,6 +48,9 @@ def test_dist_train_resume_and_dist_test(tmp_path):
     out = _sh(['tools/dist_train.sh', QUICKSTART, '2', '--work-dir', work, '--resume',
                '--cfg-options', 'train_cfg.max_epochs=2'] + opts)
     assert 'resumed epoch: 1, iter: 4' in out
+    assert 'at least the' not in out  # 8 iterations now: the window is used
+    from cbn_mmdet.engine.checkpoint import needs_safe_loader
+    assert f"Loads checkpoint by {'local_safe' if needs_safe_loader() else 'local'} backend" in out
     from cbn_mmdet.engine.checkpoint import load_local_checkpoint
     state = load_local_checkpoint(osp.join(work, 'epoch_2.pth'))['state_dict']
     # past the burn-in: the window holds compensated entries
@@ -73,3 +80,16 @@ def test_slurm_scripts_with_a_stand_in_srun(tmp_path):
                osp.join(work, 'epoch_1.pth'), '--work-dir', str(tmp_path / 'test'),
                '--cfg-options'] + opts, path=fake, extra_env=env)
     assert "'coco/bbox_mAP'" in out
+
+
+@pytest.mark.parametrize('script', ['dist_train.sh', 'dist_test.sh'])
+def test_dist_scripts_refuse_a_python_without_torch_in_one_line(script, tmp_path):
+    fake = tmp_path / 'python'
+    fake.write_text('#!/bin/sh\necho "No module named torch" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(['bash', f'tools/{script}', QUICKSTART, 'x', '1'], cwd=ROOT,
+                          env=dict(PYTHON=str(fake), PATH='/usr/bin:/bin'),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ''
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f'{fake} cannot import torch' in lines[0] and 'PYTHON=' in lines[0]

@@ -1,4 +1,5 @@
 """CBNHook's burn-in conversion, the sync_bn guard and the checkpoint loader's allowlist."""
+import inspect
 import logging
 
 import pytest
@@ -11,11 +12,50 @@ from cbn_mmdet.engine import CBNHook, CBNSyncBNError, burnin_iterations, load_lo
 
 
 class _FakeRunner:
-    def __init__(self, model, iters_per_epoch, world_size):
+    def __init__(self, model, iters_per_epoch, world_size, epochs=12):
         self.model = model
         self.train_dataloader = range(iters_per_epoch)
         self.world_size = world_size
+        self.max_iters = epochs * iters_per_epoch
         self.logger = logging.getLogger('fake-runner')
+
+
+def _cbn_model():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), CrossIterationBatchNorm2d(4),
+                         nn.Sequential(nn.Conv2d(4, 4, 1), CrossIterationBatchNorm2d(4)),
+                         nn.Conv2d(4, 4, 1), CrossIterationBatchNorm2d(4, window=1))
+
+
+def test_hook_warns_once_when_the_burnin_covers_the_whole_run(caplog):
+    """A shortened run (1 epoch of 8 iterations) against the 8-epoch burn-in: one warning that
+    names the layers and both numbers; the window-1 layer (plain BN anyway) is not named."""
+    model = _cbn_model()
+    with caplog.at_level(logging.WARNING, logger='fake-runner'):
+        CBNHook(burnin_epochs=8).before_train(_FakeRunner(model, 8, 1, epochs=1))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned
+    msg = warned[0]
+    assert '2 of 3 CBN layers (1, 2.1)' in msg and 'burn-in of 64 iterations' in msg
+    assert '8 training iterations' in msg and 'never use their window' in msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger='fake-runner'):  # 12 epochs: 96 > 64
+        CBNHook(burnin_epochs=8).before_train(_FakeRunner(_cbn_model(), 8, 1, epochs=12))
+        CBNHook(burnin_epochs=8).before_train(_FakeRunner(_cbn_model(), 8, 1, epochs=8))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and '64 training iterations' in warned[0]  # equal: still never used
+
+
+def test_first_lr_step_is_the_earliest_over_several_schedulers():
+    """Two MultiStep schedulers (lr and momentum, say) with different first milestones: the
+    window starts at the earliest one."""
+    from mmengine.optim.scheduler import MultiStepLR, MultiStepMomentum
+    model = _cbn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    runner = _FakeRunner(model, 10, 1)
+    runner.param_schedulers = [MultiStepLR(opt, milestones=[9, 11], by_epoch=True),
+                               MultiStepMomentum(opt, milestones=[5, 7], by_epoch=True)]
+    CBNHook(burnin_epochs='first_lr_step').before_train(runner)
+    assert model[1].burnin == model[2][1].burnin == 50
 
 
 def test_burnin_epochs_become_iterations_of_this_run():
@@ -96,3 +136,48 @@ def test_checkpoint_loader_allows_mmengine_types_only(tmp_path):
     torch.save({'x': _Other()}, tmp_path / 'other.pth')
     with pytest.raises(Exception, match='Unsupported global'):
         load_local_checkpoint(str(tmp_path / 'other.pth'))
+
+
+def test_checkpoint_loader_log_line_names_it(tmp_path):
+    """mmengine logs 'Loads checkpoint by <loader name minus 10 characters> backend'."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    from cbn_mmdet.engine.checkpoint import needs_safe_loader
+    loader = CheckpointLoader._get_checkpoint_loader(str(tmp_path / 'epoch_1.pth'))
+    assert loader.__name__[10:] == ('local_safe' if needs_safe_loader() else 'local')
+
+
+def test_ddp_wrapping_prints_no_broadcast_buffers_deprecation(monkeypatch):
+    """mmengine's wrapping (broadcast_buffers=False: per-process CBN windows) in a 1-process
+    gloo group: torch >= 2.13 warns about the argument unless the launcher hides that one
+    message; nothing else is hidden."""
+    import socket
+    import warnings
+
+    import torch.distributed as dist
+    from mmengine.model import MMDistributedDataParallel
+
+    from cbn_mmdet.engine.launch import quiet_broadcast_buffers_deprecation
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1)
+    try:
+        def wrap():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter('always')
+                warnings.filterwarnings('ignore', category=DeprecationWarning)
+                if quiet:
+                    quiet_broadcast_buffers_deprecation()
+                MMDistributedDataParallel(module=nn.Linear(2, 2), broadcast_buffers=False)
+                warnings.warn('another FutureWarning', FutureWarning)
+            return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+        quiet = False
+        loud = wrap()
+        quiet = True
+        assert wrap() == ['another FutureWarning']
+        deprecated = 'forward_sync_buffers' in inspect.signature(
+            nn.parallel.DistributedDataParallel.__init__).parameters
+        assert any('broadcast_buffers' in m for m in loud) == deprecated
+    finally:
+        dist.destroy_process_group()

@@ -24,3 +24,24 @@ def test_amp_auto_scale_lr_resume_cfg_options():
 def test_auto_scale_lr_needs_base_batch_size():
     with pytest.raises(RuntimeError, match='base_batch_size'):
         _cfg('--auto-scale-lr', '--cfg-options', 'auto_scale_lr=None')
+
+
+def test_amp_without_an_accelerator_exits_in_one_line_before_building(monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    import torch
+
+    import tools.train as train
+    if torch.cuda.is_available():
+        pytest.skip('this machine has CUDA: --amp is valid here')
+    monkeypatch.setattr(train, 'load_config', lambda *a: pytest.fail('the config was read'))
+    with pytest.raises(SystemExit) as exc:
+        train.main([QUICKSTART, '--amp'])
+    assert str(exc.value).startswith('tools/train.py: error: --amp needs a CUDA')
+    # as a user runs it: one line on stderr, exit status 1
+    from tests.helpers import ROOT
+    proc = subprocess.run([sys.executable, 'tools/train.py', QUICKSTART, '--amp'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert '--amp needs a CUDA' in proc.stderr

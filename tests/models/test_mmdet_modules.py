@@ -39,6 +39,10 @@ def test_build_norm_layer_from_mmdet_scope():
     assert (layer.window, layer.burnin, layer.compensate) == (2, 5, False)
     with pytest.raises(ValueError, match='`window`'):
         build_norm_layer(dict(type='CBN', window=0), 16)
+    # a typo in a config: ValueError naming it and the valid options (mmcv passes eps itself)
+    for typ in ('CBN', 'SyncCBN'):
+        with pytest.raises(ValueError, match=r"unknown option\(s\) \['windw'\]; valid options: .*window"):
+            build_norm_layer(dict(type=typ, windw=4), 16)
 
 
 @pytest.mark.parametrize('depth', [18, 50])
