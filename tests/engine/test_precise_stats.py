@@ -1,0 +1,161 @@
+"""Precise population statistics: the estimate against one big batch, over 2 processes, and
+the training state it must leave alone."""
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from cbn_mmdet.cbn import CrossIterationBatchNorm2d
+from cbn_mmdet.engine.precise_stats import recompute_precise_stats, trained_bn_layers
+
+F64 = torch.float64
+SIZES = [3, 1, 5, 2, 4]  # uneven batches
+
+
+class _Branches(nn.Module):
+    """Three branches on the input (so each norm's input does not depend on another norm):
+    BatchNorm2d, CBN (windowed) and a BN frozen in eval mode (norm_eval)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv_bn, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv_cbn, self.cbn = nn.Conv2d(3, 5, 3, stride=2), CrossIterationBatchNorm2d(5, window=3)
+        self.conv_frozen, self.frozen = nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2)
+        self.double()
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.frozen.eval()  # as mmdet's norm_eval does
+        return self
+
+    def forward(self, x):
+        return (self.bn(self.conv_bn(x)).mean() + self.cbn(self.conv_cbn(x)).mean()
+                + self.frozen(self.conv_frozen(x)).mean())
+
+
+def _images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 9, 9, generator=g, dtype=F64) * 2 + 0.5
+
+
+def _batches(images, sizes):
+    out, i = [], 0
+    for s in sizes:
+        out.append(images[i:i + s])
+        i += s
+    return out
+
+
+def _train(model, steps=4):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(steps):
+        opt.zero_grad()
+        model(_images(2, 100 + step)).backward()
+        opt.step()
+
+
+def _expected(model, images):
+    """Mean and unbiased variance of each trained norm's input over all images at once."""
+    with torch.no_grad():
+        out = {}
+        for conv, norm in ((model.conv_bn, 'bn'), (model.conv_cbn, 'cbn')):
+            y = conv(images)
+            out[norm] = (y.mean((0, 2, 3)), y.transpose(0, 1).reshape(y.shape[1], -1).var(1))
+        return out
+
+
+def _forward(model, batch):
+    model(batch)
+
+
+def test_estimate_equals_one_big_batch_and_leaves_training_state():
+    model = _Branches()
+    _train(model)
+    model.eval()  # the hook must put it in train mode itself and restore eval
+    frozen = copy.deepcopy(model.frozen.state_dict())
+    cbn_state = {k: v.clone() for k, v in model.cbn.state_dict().items()
+                 if k not in ('running_mean', 'running_var')}
+    images = _images(sum(SIZES), 7)
+    rng = torch.get_rng_state()
+    info = recompute_precise_stats(model, _batches(images, SIZES), _forward, num_images=15)
+    assert info['layers'] == 2 and info['images'] == 15 and not model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+    for name, (mean, var) in _expected(model, images).items():
+        layer = getattr(model, name)
+        torch.testing.assert_close(layer.running_mean, mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(layer.running_var, var, rtol=1e-10, atol=1e-12)
+    for k, v in model.frozen.state_dict().items():  # norm_eval layer untouched
+        assert torch.equal(v, frozen[k]), k
+    for k, v in model.cbn.state_dict().items():  # window, step, burn-in counters untouched
+        if k in cbn_state:
+            assert torch.equal(v, cbn_state[k]), k
+    assert [n for n, _ in trained_bn_layers(model)] == ['bn', 'cbn']
+
+
+def test_num_images_stops_the_pass_and_bad_values_are_refused():
+    model = _Branches()
+    images = _images(sum(SIZES), 7)
+    info = recompute_precise_stats(model, _batches(images, SIZES), _forward, num_images=4)
+    assert info['images'] == 4  # batches of 3 and 1
+    mean, var = _expected(model, images[:4])['bn']
+    torch.testing.assert_close(model.bn.running_var, var, rtol=1e-10, atol=1e-12)
+    for bad in (0, -5, 2.5, True, '100'):
+        with pytest.raises(ValueError, match='`num_images` must be an integer >= 1'):
+            recompute_precise_stats(model, [], _forward, num_images=bad)
+
+
+def test_training_continues_exactly_as_without_the_pass():
+    """The pass changes running statistics only: later training steps (outputs, gradients,
+    the CBN window) are identical to a copy that never ran it."""
+    a = _Branches()
+    _train(a, 3)
+    b = copy.deepcopy(a)
+    recompute_precise_stats(a, _batches(_images(9, 1), [4, 5]), _forward, num_images=9)
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.05)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.05)
+    for step in range(4):
+        x = _images(2, 50 + step)
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            m(x).backward()
+            opt.step()
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert torch.equal(pa, pb)
+    for k, v in a.cbn.state_dict().items():
+        if k not in ('running_mean', 'running_var'):
+            assert torch.equal(v, b.cbn.state_dict()[k]), k
+
+
+def _worker(rank, port, out):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model = _Branches()
+    images = _images(sum(SIZES), 7)
+    mine = images[:6] if rank == 0 else images[6:]  # 6 and 9 images, uneven batches
+    sizes = [4, 2] if rank == 0 else [1, 5, 3]
+    recompute_precise_stats(model, _batches(mine, sizes), _forward, num_images=100)
+    torch.save({k: v for k, v in model.state_dict().items() if 'running' in k},
+               os.path.join(out, f'rank{rank}.pt'))
+    dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_two_processes_all_reduce_to_the_big_batch(tmp_path):
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    model = _Branches()
+    expected = _expected(model, _images(sum(SIZES), 7))
+    for r in range(2):
+        state = torch.load(tmp_path / f'rank{r}.pt', weights_only=True)
+        for name, (mean, var) in expected.items():
+            torch.testing.assert_close(state[f'{name}.running_mean'], mean, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(state[f'{name}.running_var'], var, rtol=1e-10, atol=1e-12)
