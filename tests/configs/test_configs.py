@@ -42,6 +42,14 @@ def test_config_loads_and_builds_without_network(config):
         assert type(model.roi_head.bbox_head).__name__ == 'Shared4Conv1FCBBoxHead'
         m = re.search(r'_fpn_(.+?)_4xb(\d)', name)
         norm, per_gpu = m.group(1), int(m.group(2))
+        precise = norm.endswith('-precise')  # the same config plus PreciseStatsHook
+        norm = norm[:-len('-precise')] if precise else norm
+        hooks = [h['type'] for h in cfg.get('custom_hooks', [])]
+        assert hooks.count('PreciseStatsHook') == int(precise)
+        if precise:
+            base = Config.fromfile(osp.join(ROOT, config.replace('cbn-precise', 'cbn')))
+            this = Config.fromfile(osp.join(ROOT, config))  # cfg.model was consumed by build
+            assert this.model == base.model and this.param_scheduler == base.param_scheduler
         assert cfg.train_dataloader.batch_size == per_gpu
         assert cfg.optim_wrapper.optimizer.lr == pytest.approx(0.02 * 4 * per_gpu / 16)
         assert cfg.model.backbone.norm_eval is (norm != 'cbn-all')

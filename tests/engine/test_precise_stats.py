@@ -159,3 +159,35 @@ def test_two_processes_all_reduce_to_the_big_batch(tmp_path):
         for name, (mean, var) in expected.items():
             torch.testing.assert_close(state[f'{name}.running_mean'], mean, rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(state[f'{name}.running_var'], var, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.integration
+def test_hook_through_train_then_tool_then_test(tmp_path):
+    """A config line (custom_hooks) through tools/train.py; tools/precise_stats.py on a
+    checkpoint trained without the hook; tools/test.py on the result."""
+    from tests.helpers import digits_config, make_tiny_digits, run_tool
+    data = make_tiny_digits(str(tmp_path / 'digits'), num_train=8, num_val=4)
+    base = 'configs/cbn/faster-rcnn_r50_fpn_cbn-precise_4xb1-1x_coco.py'
+    hooks = [dict(type='CBNHook', burnin_epochs=0.5), dict(type='PreciseStatsHook', num_images=6)]
+    with_hook = digits_config(base, data, str(tmp_path / 'a.py'), False, batch_size=2,
+                              extra={'custom_hooks': hooks})
+    out = run_tool(['tools/train.py', with_hook, '--work-dir', str(tmp_path / 'a')])
+    assert 'PreciseStatsHook: population statistics of 12 BatchNorm-family layers from 6 ' \
+           'training images per process x 1 processes' in out
+
+    without = digits_config(base, data, str(tmp_path / 'b.py'), False, batch_size=2,
+                            extra={'custom_hooks': hooks[:1]})
+    run_tool(['tools/train.py', without, '--work-dir', str(tmp_path / 'b')])
+    ckpt = str(tmp_path / 'b' / 'epoch_1.pth')
+    out = run_tool(['tools/precise_stats.py', without, ckpt, '--num-images', '4',
+                    '--work-dir', str(tmp_path / 'c')])
+    assert 'precise statistics of 12 layers written to' in out
+    from cbn_mmdet.engine.checkpoint import load_local_checkpoint
+    old = load_local_checkpoint(ckpt)['state_dict']
+    new = load_local_checkpoint(ckpt.replace('.pth', '_precise.pth'))['state_dict']
+    changed = [k for k in old if not torch.equal(old[k], new[k])]
+    assert changed and all(k.endswith(('running_mean', 'running_var')) for k in changed)
+    assert any(k.startswith('neck.') for k in changed) and any('bbox_head' in k for k in changed)
+    out = run_tool(['tools/test.py', without, ckpt.replace('.pth', '_precise.pth'),
+                    '--work-dir', str(tmp_path / 'd')])
+    assert 'Epoch(test) [1/1]' in out  # evaluated (an 8-iteration model detects nothing yet)

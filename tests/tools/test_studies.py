@@ -26,3 +26,15 @@ def test_positions_study_writes_results_and_plot(tmp_path):
     summary = json.loads((tmp_path / 'results.json').read_text())['summary']
     assert len(summary) == 4 and all(s['seeds'] == 1 for s in summary)
     assert osp.getsize(tmp_path / 'accuracy_vs_positions.png') > 10_000
+
+
+@pytest.mark.integration
+def test_classification_study_reports_precise_statistics(tmp_path):
+    from tools.studies.digits_classification import main as classification
+    classification(['--batches', '16', '--norms', 'BN', 'GN', 'CBN', '--seeds', '0', '--epochs', '1',
+                    '--size', '8', '--precise', '100', '--out', str(tmp_path)])
+    result = json.loads((tmp_path / 'results.json').read_text())
+    assert set(result['mean_test_acc_precise']) == {'BN@16', 'GN@16', 'CBN@16'}
+    gn = [r for r in result['rows'] if r['norm'] == 'GN'][0]
+    assert gn['test_acc_precise'] == gn['test_acc']  # no BN-family layer: nothing changes
+    assert all(0.0 <= r['test_acc_precise'] <= 1.0 for r in result['rows'])

@@ -3,7 +3,9 @@
 A small ResNet (3 stages of BasicBlocks, 16-32-64 channels) on the digits upscaled to 16x16,
 with BN, GN, plain cross-iteration averaging (CBN without compensation) or CBN, trained at
 batch sizes 32, 8, 4, 2 and 1 for the same number of epochs (learning rate scaled linearly with
-the batch size), several seeds. Evaluation uses the running statistics (eval mode).
+the batch size), several seeds. Evaluation uses the running statistics (eval mode); with
+``--precise`` also the population statistics of the final weights over the 1,400 training
+images (``recompute_precise_stats``, what ``PreciseStatsHook`` does in detection).
 
     python tools/studies/digits_classification.py [--seeds 0 1 2] [--out results/digits_classification]
 
@@ -25,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from cbn_mmdet.cbn import CrossIterationBatchNorm2d  # noqa: E402
+from cbn_mmdet.engine.precise_stats import recompute_precise_stats  # noqa: E402
 
 NORMS = ('BN', 'GN', 'plain', 'CBN')
 
@@ -79,7 +82,7 @@ def load_data(size, split_seed=0):
     return (x[tr], y[tr]), (x[te], y[te])
 
 
-def train_eval(norm, batch, seed, data, epochs, base_lr, window, burnin_frac):
+def train_eval(norm, batch, seed, data, epochs, base_lr, window, burnin_frac, precise_batch=0):
     (xtr, ytr), (xte, yte) = data
     torch.manual_seed(seed)
     steps = epochs * (len(xtr) // batch)
@@ -107,8 +110,14 @@ def train_eval(norm, batch, seed, data, epochs, base_lr, window, burnin_frac):
     model.eval()
     with torch.no_grad():
         acc = (model(xte).argmax(1) == yte).float().mean().item()
-    return dict(norm=norm, batch=batch, seed=seed, lr=lr, steps=steps, burnin=burnin,
-                train_acc=correct / seen, test_acc=acc)
+    row = dict(norm=norm, batch=batch, seed=seed, lr=lr, steps=steps, burnin=burnin,
+               train_acc=correct / seen, test_acc=acc)
+    if precise_batch:  # population statistics of the final weights over the training set
+        batches = xtr.split(precise_batch)
+        recompute_precise_stats(model, batches, lambda m, b: m(b), num_images=len(xtr))
+        with torch.no_grad():
+            row['test_acc_precise'] = (model(xte).argmax(1) == yte).float().mean().item()
+    return row
 
 
 def plot(rows, path):
@@ -150,6 +159,9 @@ def main(argv=None):
                    help='CBN burn-in as a fraction of the training steps')
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--size', type=int, default=16, help='image side after upscaling')
+    p.add_argument('--precise', type=int, default=0, metavar='BATCH',
+                   help='also evaluate with precise statistics, computed in passes of BATCH '
+                        'training images (0: off)')
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
@@ -159,9 +171,11 @@ def main(argv=None):
     for batch in a.batches:
         for norm in a.norms:
             for seed in a.seeds:
-                r = train_eval(norm, batch, seed, data, a.epochs, a.base_lr, a.window, a.burnin_frac)
+                r = train_eval(norm, batch, seed, data, a.epochs, a.base_lr, a.window, a.burnin_frac,
+                               a.precise)
                 rows.append(r)
-                print(f"batch {batch:2d} {norm:5s} seed {seed}: test {r['test_acc']:.3f} "
+                precise = f" precise {r['test_acc_precise']:.3f}" if a.precise else ''
+                print(f"batch {batch:2d} {norm:5s} seed {seed}: test {r['test_acc']:.3f}{precise} "
                       f"train {r['train_acc']:.3f} [{time.time() - t0:.0f}s]", flush=True)
     with open(os.path.join(a.out, 'results.csv'), 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -170,13 +184,24 @@ def main(argv=None):
     summary = {f'{n}@{b}': float(np.mean([r['test_acc'] for r in rows
                                           if r['norm'] == n and r['batch'] == b]))
                for b in a.batches for n in a.norms}
+    result = dict(args=vars(a), rows=rows, mean_test_acc=summary)
+    if a.precise:
+        result['mean_test_acc_precise'] = {
+            f'{n}@{b}': float(np.mean([r['test_acc_precise'] for r in rows
+                                       if r['norm'] == n and r['batch'] == b]))
+            for b in a.batches for n in a.norms}
     with open(os.path.join(a.out, 'results.json'), 'w') as f:
-        json.dump(dict(args=vars(a), rows=rows, mean_test_acc=summary), f, indent=1)
+        json.dump(result, f, indent=1)
     plot(rows, os.path.join(a.out, 'accuracy_vs_batch.png'))
     print('\nmean test accuracy over seeds')
     print('batch ' + ' '.join(f'{n:>7}' for n in a.norms))
     for b in a.batches:
         print(f'{b:5d} ' + ' '.join(f"{summary[f'{n}@{b}']:7.3f}" for n in a.norms))
+    if a.precise:
+        print('\nwith precise statistics')
+        for b in a.batches:
+            print(f'{b:5d} ' + ' '.join(f"{result['mean_test_acc_precise'][f'{n}@{b}']:7.3f}"
+                                        for n in a.norms))
 
 
 if __name__ == '__main__':
