@@ -41,6 +41,25 @@ needs_cpu_fp16_autocast = pytest.mark.skipif(
 needs_cpu_fp16_conv = pytest.mark.skipif(
     not CPU_FP16_CONV, reason=f'torch {torch.__version__} has no float16 conv2d on CPU '
                               '("slow_conv2d_cpu" not implemented for Half)')
+
+
+def _torch_load_is_safe_by_default():
+    """torch >= 2.6: torch.load defaults to weights_only=True and refuses arbitrary objects."""
+    import argparse
+    import io
+    buf = io.BytesIO()
+    torch.save({'x': argparse.Namespace()}, buf)
+    buf.seek(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            torch.load(buf)
+    except Exception:
+        return True
+    return False
+
+
+TORCH_LOAD_IS_SAFE = _torch_load_is_safe_by_default()
 # float16 as a parametrize value for tests that run it through CPU autocast / CPU convs
 FP16_AUTOCAST_CPU = pytest.param(torch.float16, marks=needs_cpu_fp16_autocast, id='float16')
 FP16_CONV_CPU = pytest.param(torch.float16, marks=needs_cpu_fp16_conv, id='float16')
