@@ -12,7 +12,7 @@ from .conv_trace import find_producing_conv
 from .functional import CountNormalize, derivatives, exact_fp32, non_finite, pool, window_factors
 from .kernels import stats_dtype
 from .options import check_bool, check_eps, check_int, check_momentum, reject_unknown
-from .steps import MAX_CALLS_PER_STEP, StepTracker  # noqa: F401  (re-exported)
+from .steps import StepTracker
 from .window import BUFFERS, SAVED_BUFFERS, RingWindow, adapt_state, register_buffers, saved_state
 
 # State saved in the state_dict next to BN's own buffers: the window in the checkpoint layout

@@ -134,12 +134,19 @@ def plot(rows, path):
             lo.append(min(accs))
             hi.append(max(accs))
         xs = range(len(batches))
-        ax.plot(xs, mean, marker='o', label=norm)
+        line, = ax.plot(xs, mean, marker='o', label=norm)
         ax.fill_between(xs, lo, hi, alpha=0.15)
+        if all('test_acc_precise' in r for r in rows) and norm != 'GN':
+            prec = [np.mean([r['test_acc_precise'] for r in rows
+                             if r['norm'] == norm and r['batch'] == b]) for b in batches]
+            ax.plot(xs, prec, marker='s', linestyle='--', color=line.get_color(),
+                    label=f'{norm}, precise statistics')
     ax.set_xticks(range(len(batches)), [str(b) for b in batches])
     ax.set_xlabel('batch size (images per iteration)')
     ax.set_ylabel('test accuracy (eval mode)')
-    ax.set_title('Digits, small ResNet: accuracy vs batch size\n(line: mean over seeds, band: min-max)')
+    ax.set_title('Digits, small ResNet: accuracy vs batch size\n(line: mean over seeds, band: min-max'
+                 + ('; dashed: eval with precise statistics)' if any('test_acc_precise' in r for r in rows)
+                    else ')'), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
