@@ -3,6 +3,7 @@ the training state it must leave alone."""
 import copy
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -143,6 +144,7 @@ def _worker(rank, port, out):
     recompute_precise_stats(model, _batches(mine, sizes), _forward, num_images=100)
     torch.save({k: v for k, v in model.state_dict().items() if 'running' in k},
                os.path.join(out, f'rank{rank}.pt'))
+    dist.barrier()  # no rank tears the group down while the other still uses it
     dist.destroy_process_group()
 
 
@@ -151,7 +153,13 @@ def test_two_processes_all_reduce_to_the_big_batch(tmp_path):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ctx = mp.start_processes(_worker, args=(port, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):  # a hung process group fails the test, never hangs CI
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail('the 2-process precise-statistics run did not finish in 300 s')
     model = _Branches()
     expected = _expected(model, _images(sum(SIZES), 7))
     for r in range(2):
