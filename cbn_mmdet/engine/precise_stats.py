@@ -21,6 +21,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
+def check_num_images(num_images) -> int:
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise ValueError('PreciseStatsHook option `num_images` must be an integer >= 1, '
+                         f'got {num_images!r}')
+    return num_images
+
+
 def trained_bn_layers(model: nn.Module) -> List[Tuple[str, _BatchNorm]]:
     """BN-family layers that train their statistics: in train mode after ``model.train()``
     (so not under ``norm_eval`` or in frozen stages) and tracking running statistics."""
@@ -41,7 +48,8 @@ class _Accumulator:
         self.sums = torch.zeros(2, c, dtype=torch.float64, device=layer.running_mean.device)
         self.count = 0
 
-    def forward(self, layer: _BatchNorm) -> Callable:
+    def plain_bn_forward(self, layer: _BatchNorm) -> Callable:
+        """``layer``'s forward for the pass: accumulate its input, normalize as BN in training."""
         def plain_bn(y):
             if y.numel() > 0:
                 y64 = y.detach().to(torch.float64)
@@ -78,8 +86,7 @@ def recompute_precise_stats(model: nn.Module, batches: Iterable, forward: Callab
     images; ``progress(n)`` is told the images done. Model mode, RNG states and every other
     buffer are restored. Returns ``{'layers', 'images', 'seconds'}`` (images: this process).
     """
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f'PreciseStatsHook option `num_images` must be an integer >= 1, got {num_images!r}')
+    check_num_images(num_images)
     start = time.perf_counter()
     modes = [(m, m.training) for m in model.modules()]  # restored exactly afterwards
     layers = trained_bn_layers(model)
@@ -87,7 +94,7 @@ def recompute_precise_stats(model: nn.Module, batches: Iterable, forward: Callab
     accs = {}
     for _, m in layers:
         accs[m] = _Accumulator(m)
-        m.forward = accs[m].forward(m)  # instance attribute: shadows the class's forward
+        m.forward = accs[m].plain_bn_forward(m)  # instance attribute: shadows the class's
     images = 0
     try:
         model.train()
@@ -185,10 +192,7 @@ if Hook is not None:
         priority = 'ABOVE_NORMAL'  # before CheckpointHook (VERY_LOW) writes the last epoch
 
         def __init__(self, num_images: int = 1000):
-            if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-                raise ValueError('PreciseStatsHook option `num_images` must be an integer >= 1, '
-                                 f'got {num_images!r}')
-            self.num_images = num_images
+            self.num_images = check_num_images(num_images)
             self._done_at = None  # the iteration whose weights the statistics belong to
 
         def _recompute(self, runner):
