@@ -6,10 +6,10 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint as cp
 
 from cbn_mmdet.cbn import CrossIterationBatchNorm2d, compat
 from tests.cbn.reference import ReferenceCBN
+from tests.cbn.test_robustness import checkpointed_equals_plain_averaging
 
 F64 = torch.float64
 
@@ -57,15 +57,6 @@ def test_training_steps_without_each_private_api(monkeypatch, api):
     assert cbn.cbn_valid.sum() > 0  # the window was used
 
 
-def _net(window, compensate=True):
-    torch.manual_seed(4)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1),
-        CrossIterationBatchNorm2d(6, window=window, compensate=compensate), nn.ReLU(),
-        nn.Conv2d(6, 6, 3, padding=1),
-        CrossIterationBatchNorm2d(6, window=window, compensate=compensate)).double()
-
-
 @pytest.mark.parametrize('reentrant', [True, False])
 def test_activation_checkpointing_with_the_fallbacks(reentrant):
     """Both private APIs replaced by the tracked fallbacks (torch's own checkpointing still
@@ -74,25 +65,7 @@ def test_activation_checkpointing_with_the_fallbacks(reentrant):
     chosen = compat.resolve(missing=compat.PRIVATE_APIS)
     assert chosen['saved_tensors_hooks_active'] == '_top_hooks_tracked'
     assert chosen['in_backward_recompute'] == '_in_recompute_tracked'
-    plain, ckpt = _net(3, compensate=False), _net(3)
-    opt_p = torch.optim.SGD(plain.parameters(), lr=0.05)
-    opt_c = torch.optim.SGD(ckpt.parameters(), lr=0.05)
-    for _ in range(5):
-        x = torch.randn(2, 3, 6, 6, dtype=F64, requires_grad=True)
-        out_p = plain(x)
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            out_c = cp.checkpoint(ckpt, x, use_reentrant=reentrant)
-        torch.testing.assert_close(out_c, out_p)
-        for o, opt in ((out_p, opt_p), (out_c, opt_c)):
-            opt.zero_grad()
-            o.square().sum().backward()
-        for a, b in zip(ckpt.parameters(), plain.parameters()):
-            torch.testing.assert_close(a.grad, b.grad)
-        opt_p.step()
-        opt_c.step()
-    for a, b in zip(ckpt.state_dict().values(), plain.state_dict().values()):
-        torch.testing.assert_close(a, b)
+    ckpt = checkpointed_equals_plain_averaging(reentrant)
     assert ckpt[1].cbn_step.item() == 5  # one step per iteration: no recomputation counted
 
 

@@ -111,6 +111,11 @@ def test_activation_checkpointing_recomputes_without_double_counting(reentrant):
     window entry, same output and gradients). Inside a checkpoint the conv's input is not kept
     (or, reentrant, there is no autograd graph), so the layer averages without compensation:
     it matches a plain-averaging model exactly."""
+    checkpointed_equals_plain_averaging(reentrant)
+
+
+def checkpointed_equals_plain_averaging(reentrant):
+    """5 SGD steps of a checkpointed CBN net against the plain-averaging net; returns it."""
     plain, ckpt = _net(3, compensate=False), _net(3)
     opt_p = torch.optim.SGD(plain.parameters(), lr=0.05)
     opt_c = torch.optim.SGD(ckpt.parameters(), lr=0.05)
@@ -130,6 +135,7 @@ def test_activation_checkpointing_recomputes_without_double_counting(reentrant):
         opt_c.step()
     for a, b in zip(ckpt.state_dict().values(), plain.state_dict().values()):
         torch.testing.assert_close(a, b)
+    return ckpt
 
 
 def test_too_many_calls_without_backward_warn_and_start_new_steps():

@@ -59,13 +59,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize('fused', [False, True], ids=['portable', 'fused-emulated'])
-def test_sync_cbn_two_processes_equals_one_process_on_the_whole_batch(tmp_path, fused):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), fused), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
-
-    model = _model(CrossIterationBatchNorm2d)
+def _compare_with_one_process(ranks, model):
+    """Train ``model`` on the whole batch of every step and compare each step's output, input
+    gradient and (DDP-averaged, so halved) parameter gradients with the two ranks' records."""
     opt = torch.optim.SGD(model.parameters(), lr=LR / 2)  # DDP's average is half the sum
     for step, split in enumerate(SPLITS):
         x, target = _data(step)
@@ -80,6 +76,16 @@ def test_sync_cbn_two_processes_equals_one_process_on_the_whole_batch(tmp_path, 
             torch.testing.assert_close(g0, g1)  # DDP: the same averaged gradient on each rank
             torch.testing.assert_close(2 * g0, p.grad)
         opt.step()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize('fused', [False, True], ids=['portable', 'fused-emulated'])
+def test_sync_cbn_two_processes_equals_one_process_on_the_whole_batch(tmp_path, fused):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), fused), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
+
+    model = _model(CrossIterationBatchNorm2d)
+    _compare_with_one_process(ranks, model)
     # every rank ends with the same window as the single process
     for key, value in model[1].state_dict().items():
         torch.testing.assert_close(ranks[0]['state'][f'1.{key}'], value)
@@ -99,19 +105,7 @@ def test_sync_cbn_as_sync_bn_equals_batchnorm_on_the_whole_batch(tmp_path, fused
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)).double()
     model.load_state_dict({k: v for k, v in _model(CrossIterationBatchNorm2d).state_dict().items()
                            if k in model.state_dict()})
-    opt = torch.optim.SGD(model.parameters(), lr=LR / 2)
-    for step, split in enumerate(SPLITS):
-        x, target = _data(step)
-        x = x.clone().requires_grad_()
-        out = model(x)
-        opt.zero_grad()
-        (out * target).sum().backward()
-        r0, r1 = ranks[0]['records'][step], ranks[1]['records'][step]
-        torch.testing.assert_close(torch.cat([r0['out'], r1['out']]), out.detach())
-        torch.testing.assert_close(torch.cat([r0['xgrad'], r1['xgrad']]), x.grad)
-        for g0, p in zip(r0['grads'], model.parameters()):
-            torch.testing.assert_close(2 * g0, p.grad)
-        opt.step()
+    _compare_with_one_process(ranks, model)
     for r in range(2):
         for key in ('running_mean', 'running_var', 'num_batches_tracked'):
             torch.testing.assert_close(ranks[r]['state'][f'1.{key}'], model[1].state_dict()[key])
