@@ -26,7 +26,7 @@ def test_config_set_is_complete():
         assert f'{det}_r50_fpn_4conv1fc_4xb4-1x_coco.py' in names
         for norm in ('cbn', 'syncbn', 'gn'):
             assert f'{det}_r50_fpn_{norm}_4xb4-1x_coco.py' in names
-        for norm in ('cbn', 'syncbn', 'gn', 'bn', 'cbn-all'):
+        for norm in ('cbn', 'syncbn', 'gn', 'bn', 'cbn-all', '4conv1fc'):
             for b in (2, 1):
                 assert f'{det}_r50_fpn_{norm}_4xb{b}-1x_coco.py' in names
 

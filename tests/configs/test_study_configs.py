@@ -37,7 +37,7 @@ def flat(d, prefix=''):
 
 def test_the_study_has_every_cell():
     names = {osp.basename(p) for p in STUDY}
-    cells = [(4, a) for a in REAL] + [(b, a) for b in (2, 1) for a in ('bn', 'syncbn', 'gn', 'cbn')]
+    cells = [(4, a) for a in REAL] + [(b, a) for b in (2, 1) for a in ('none', 'bn', 'syncbn', 'gn', 'cbn')]
     assert names == {f'mask-rcnn_r18-w32-digits_fpn_{a}_4xb{b}-12e_digits.py' for b, a in cells}
 
 

@@ -1,4 +1,5 @@
 """Study 5's runner: its bookkeeping, and one study config through tools/dist_train.sh."""
+import os
 import os.path as osp
 
 import pytest
@@ -25,6 +26,34 @@ def test_summary_and_the_third_seed_rule():
     far = rows + [_row(4, 'none', 0, 0.50, 0.40), _row(4, 'none', 1, 0.50, 0.40)]
     assert pt.best_other_if_close(far, 4) == []   # the best other arm is far above CBN
     assert '| 4x4 | GN | 0.325 +- 0.010 | 0.110 +- 0.010 | 2 | 38.5 / 35.0 |' in pt.markdown_table(s)
+
+
+def test_schedule_options_stretch_the_1x_shape():
+    """--epochs 24 through tools/train.py's --cfg-options parsing: lr steps at 16 and 22, one
+    evaluation and one checkpoint at the end; 12 epochs leaves the config alone."""
+    import argparse
+    from mmengine.config import Config, DictAction
+    assert pt.schedule_options(12) == []
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    opts = parser.parse_args(['--cfg-options'] + pt.schedule_options(24)).cfg_options
+    cfg = Config.fromfile(osp.join(osp.dirname(pt.ROOT + '/'), pt.CONFIG.format(arm='cbn', batch=1)))
+    before = cfg.param_scheduler[0]
+    cfg.merge_from_dict(opts)
+    assert cfg.train_cfg.max_epochs == 24 and cfg.train_cfg.val_interval == 24
+    assert cfg.default_hooks.checkpoint.interval == 24
+    assert cfg.param_scheduler[0] == before
+    steps = cfg.param_scheduler[1]
+    assert steps['type'] == 'MultiStepLR' and steps['end'] == 24 and steps['milestones'] == [16, 22]
+    assert pt.schedule_options(36)[-1] == 'param_scheduler.1.milestones=[24,33]'
+
+
+def test_table_with_precise_columns():
+    rows = [dict(_row(1, 'cbn', s, 0.2 + s / 10, 0.1), precise_bbox_mAP=0.3 + s / 10, precise_segm_mAP=0.2)
+            for s in (0, 1)] + [_row(1, 'gn', 0, 0.4, 0.3)]
+    table = pt.markdown_table(pt.summarize(rows))
+    assert '| 4x1 | CBN | 0.250 +- 0.050 | 0.100 +- 0.000 | 0.350 +- 0.050 | 0.200 +- 0.000 | 2 |  |' in table
+    assert '| 4x1 | GN | 0.400 +- 0.000 | 0.300 +- 0.000 |  |  | 1 |  |' in table
 
 
 def test_cells_are_checked():
@@ -65,3 +94,16 @@ def test_a_study_config_trains_through_dist_train(tmp_path, monkeypatch):
     model = Config.fromfile(osp.join(work, osp.basename(pt.CONFIG.format(arm='syncbn', batch=1)))).model
     for norm in (model.neck.norm_cfg, model.roi_head.bbox_head.norm_cfg, model.roi_head.mask_head.norm_cfg):
         assert norm == dict(type='SyncCBN', window=1, requires_grad=True)
+    # --precise: tools/precise_stats.py then tools/test.py on the final checkpoint
+    options = [f'model.backbone.init_cfg.checkpoint={ckpt}', 'train_cfg.max_epochs=1'] + \
+        digits_options(data, batch_size=1)[:5]
+    precise, layers = pt.precise_metrics(pt.CONFIG.format(arm='syncbn', batch=1),
+                                         osp.join(work, 'epoch_1.pth'), work, options, 8,
+                                         dict(os.environ, OMP_NUM_THREADS='1'))
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from cbn_mmdet import SyncCrossIterationBatchNorm2d as SyncCBN
+    register_all_modules()
+    built = MODELS.build(model)
+    assert layers == sum(isinstance(m, SyncCBN) for m in built.modules()) > 0  # backbone BN: norm_eval
+    assert 0.0 <= precise['coco/bbox_mAP'] <= 1.0 and 0.0 <= precise['coco/segm_mAP'] <= 1.0

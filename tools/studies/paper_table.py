@@ -32,29 +32,84 @@ LABELS = dict(none='- (frozen BN only)', bn='BN (per process)', syncbn='SyncBN',
               cbn='CBN', synccbn='SyncCBN', **{'cbn-early': 'CBN, burn-in 1 epoch'})
 # An arm that is another arm's config with options: the window from epoch 1, at the full lr.
 VARIANTS = {'cbn-early': ('cbn', ['custom_hooks.0.burnin_epochs=1'])}
-CELLS = tuple([(4, a) for a in ARMS] + [(b, a) for b in (2, 1) for a in ('bn', 'syncbn', 'gn', 'cbn')]
+CELLS = tuple([(4, a) for a in ARMS] + [(b, a) for b in (2, 1) for a in ('none', 'bn', 'syncbn', 'gn', 'cbn')]
               + [(1, 'cbn-early')])
 # Yao et al. 2020, Mask R-CNN R50-FPN 1x on COCO val, 4 GPUs x 4 images: (box AP, mask AP)
 PAPER = dict(none=(37.6, 34.0), syncbn=(38.5, 34.3), gn=(38.5, 35.0), cbn=(38.4, 34.7))
 KEYS = ('bbox_mAP', 'segm_mAP')
+PRECISE_KEYS = tuple('precise_' + k for k in KEYS)
 
 
-def run_one(batch, arm, seed, port):
-    work = os.path.join('work_dirs', 'study_paper_table', f'{arm}_4xb{batch}_seed{seed}')
+def schedule_options(epochs):
+    """--cfg-options that stretch the miniature's 1x shape (lr steps at 8/12 and 11/12 of the
+    run, one warmup epoch, one evaluation and one checkpoint at the end) to ``epochs``."""
+    if epochs == 12:
+        return []
+    steps = [round(8 * epochs / 12), round(11 * epochs / 12)]
+    return [f'train_cfg.max_epochs={epochs}', f'train_cfg.val_interval={epochs}',
+            f'default_hooks.checkpoint.interval={epochs}', f'param_scheduler.1.end={epochs}',
+            f'param_scheduler.1.milestones=[{steps[0]},{steps[1]}]']
+
+
+def metrics_of_test(stdout):
+    """The metrics dict tools/test.py prints as its last line."""
+    import ast
+    return ast.literal_eval(stdout.strip().splitlines()[-1])
+
+
+def precise_metrics(config, ckpt, work, options, num_images, env):
+    """tools/precise_stats.py on the final checkpoint (one process, ``num_images`` training
+    images), then tools/test.py on the new checkpoint: the val metrics with population statistics.
+    A model without trained BN-family layers (no norm, GN) keeps its statistics, so its metrics
+    are the running ones (``None`` returned, layers 0)."""
+    def tool(args):
+        proc = subprocess.run([sys.executable] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+        if proc.returncode:
+            sys.exit(f'{" ".join(args[:3])} failed:\n{proc.stdout[-6000:]}')
+        return proc.stdout
+    cfg_options = ['--cfg-options'] + options if options else []
+    out = tool(['tools/precise_stats.py', config, ckpt, '--num-images', str(num_images),
+                '--work-dir', os.path.join(work, 'precise')] + cfg_options)
+    layers = int(out.split('precise statistics of ')[1].split(' layers')[0])
+    if layers == 0:
+        return None, 0
+    new = os.path.splitext(ckpt)[0] + '_precise.pth'
+    m = metrics_of_test(tool(['tools/test.py', config, new, '--work-dir', os.path.join(work, 'precise_test')]
+                             + cfg_options))
+    return m, layers
+
+
+def run_one(batch, arm, seed, port, epochs=12, precise=0):
+    suffix = '' if epochs == 12 else f'_{epochs}e'
+    work = os.path.join('work_dirs', 'study_paper_table', f'{arm}_4xb{batch}_seed{seed}{suffix}')
     env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(port))
     config_arm, options = VARIANTS.get(arm, (arm, []))
+    options = options + schedule_options(epochs)
+    config = CONFIG.format(arm=config_arm, batch=batch)
     t = time.time()
-    proc = subprocess.run(
-        ['bash', 'tools/dist_train.sh', CONFIG.format(arm=config_arm, batch=batch), '4', '--work-dir',
-         work, '--cfg-options', f'randomness.seed={seed}'] + options,
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode:
-        sys.exit(f'{arm} 4xb{batch} seed {seed} failed:\n{proc.stdout[-6000:]}')
+    ckpt = os.path.join(work, f'epoch_{epochs}.pth')
+    trained = os.path.exists(os.path.join(ROOT, ckpt))  # a run stopped after training: not repeated
+    if not trained:
+        proc = subprocess.run(
+            ['bash', 'tools/dist_train.sh', config, '4', '--work-dir',
+             work, '--cfg-options', f'randomness.seed={seed}'] + options,
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode:
+            sys.exit(f'{arm} 4xb{batch} seed {seed} failed:\n{proc.stdout[-6000:]}')
     m, loss = final_records(os.path.join(ROOT, work))
-    return dict(batch=batch, arm=arm, seed=seed, bbox_mAP=m['coco/bbox_mAP'],
-                bbox_mAP_50=m['coco/bbox_mAP_50'], segm_mAP=m['coco/segm_mAP'],
-                segm_mAP_50=m['coco/segm_mAP_50'], final_loss=loss,
-                minutes=round((time.time() - t) / 60, 2))
+    row = dict(batch=batch, arm=arm, seed=seed, epochs=epochs, bbox_mAP=m['coco/bbox_mAP'],
+               bbox_mAP_50=m['coco/bbox_mAP_50'], segm_mAP=m['coco/segm_mAP'],
+               segm_mAP_50=m['coco/segm_mAP_50'], final_loss=loss,
+               minutes=None if trained else round((time.time() - t) / 60, 2))
+    if precise:
+        t = time.time()
+        pm, layers = precise_metrics(config, ckpt, work, options, precise, env)
+        pm = pm or {f'coco/{k}': row[k] for k in ('bbox_mAP', 'bbox_mAP_50', 'segm_mAP', 'segm_mAP_50')}
+        row.update({f'precise_{k}': pm[f'coco/{k}'] for k in ('bbox_mAP', 'bbox_mAP_50', 'segm_mAP', 'segm_mAP_50')},
+                   precise_layers=layers, precise_images=precise,
+                   precise_minutes=round((time.time() - t) / 60, 2))
+    return row
 
 
 def summarize(rows):
@@ -64,7 +119,8 @@ def summarize(rows):
         if got:
             out[f'{a}_4xb{b}'] = dict(batch=b, arm=a, seeds=[r['seed'] for r in got], **{
                 k + s: float(f(np.array([r[k] for r in got])))
-                for k in KEYS for s, f in (('', np.mean), ('_std', np.std))})
+                for k in KEYS + PRECISE_KEYS if all(k in r for r in got)
+                for s, f in (('', np.mean), ('_std', np.std))})
     return out
 
 
@@ -97,17 +153,24 @@ def plot(rows, path):
                     continue
                 ax.bar(x, np.mean(vals), color=f'C{i}', alpha=0.6, label=LABELS[a] if b == batches[0] else None)
                 ax.scatter([x] * len(vals), vals, color='k', s=10, zorder=3)
+                pre = [r['precise_' + key] for r in rows if r['batch'] == b and r['arm'] == a
+                       and 'precise_' + key in r]
+                if pre:
+                    ax.scatter([x + 0.2] * len(pre), pre, color='r', marker='x', s=18, zorder=3,
+                               label='precise BN statistics' if not ticks else None)
                 ticks.append(x)
                 names.append(a.replace('-', '-\n') + f'\n4x{b}')
                 x += 1
             x += 1
         ax.set_xticks(ticks, names, fontsize=7)
-        lo = min(r[key] for r in rows)
+        lo = min([r[key] for r in rows] + [r['precise_' + key] for r in rows if 'precise_' + key in r])
         ax.set_ylim(max(0, lo - 0.05), None)
-        ax.set_title(title + ' on val (bar: mean, dots: seeds)')
+        ax.set_title(title + ' on val (bar: mean, dots: seeds, x: precise statistics)')
         ax.grid(axis='y', alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle('Digits Mask R-CNN, pretrained frozen-BN backbone, 4 processes x {4, 2, 1} images: '
+    epochs = sorted({r.get('epochs', 12) for r in rows})
+    fig.suptitle(f'Digits Mask R-CNN, {epochs[0]} epochs, pretrained frozen-BN backbone, 4 processes x '
+                 f'{sorted(batches, reverse=True)} images: '
                  'norm in FPN and heads')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -121,10 +184,17 @@ def main(argv=None):
                    help='BATCH:ARM pairs to run (default: all 14), e.g. 4:cbn 1:gn')
     p.add_argument('--third-seed', action='store_true',
                    help='add seed 2 where CBN and the best other arm are within two std')
+    p.add_argument('--epochs', type=int, default=12,
+                   help='schedule length; the 1x shape is stretched (lr steps at 8/12 and 11/12)')
+    p.add_argument('--precise', type=int, default=0, metavar='N',
+                   help='also evaluate each final checkpoint with precise BN statistics from N '
+                        'training images (tools/precise_stats.py, then tools/test.py)')
     p.add_argument('--port', type=int, default=29531)
     p.add_argument('--report', action='store_true',
                    help='only write the outputs from the runs already in runs.jsonl')
     a = p.parse_args(argv)
+    if a.epochs < 1 or a.precise < 0:
+        sys.exit(f'--epochs must be >= 1 and --precise >= 0, got {a.epochs} and {a.precise}')
     cells = CELLS
     if a.cells:
         try:
@@ -149,11 +219,13 @@ def main(argv=None):
     def ensure(batch, arm, seed):
         if a.report or any(r['batch'] == batch and r['arm'] == arm and r['seed'] == seed for r in rows):
             return
-        rows.append(run_one(batch, arm, seed, a.port))
+        rows.append(run_one(batch, arm, seed, a.port, a.epochs, a.precise))
         with open(log, 'a') as f:
             f.write(json.dumps(rows[-1]) + '\n')
         print(rows[-1], flush=True)
 
+    if not a.report and any(r.get('epochs', 12) != a.epochs for r in rows):
+        sys.exit(f'{log} holds runs of another length than --epochs {a.epochs}: use another --out')
     for seed in a.seeds:
         for batch, arm in cells:
             ensure(batch, arm, seed)
@@ -166,7 +238,7 @@ def main(argv=None):
                     ensure(batch, arm, 2)
     summary = summarize(rows)
     with open(os.path.join(out, 'results.csv'), 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(max(rows, key=len)))
         w.writeheader()
         w.writerows(sorted(rows, key=lambda r: (-r['batch'], ARMS.index(r['arm']), r['seed'])))
     with open(os.path.join(out, 'results.json'), 'w') as f:
@@ -182,13 +254,19 @@ def main(argv=None):
 
 def markdown_table(summary):
     """Mean +- std over seeds per cell, the paper's Mask R-CNN row (COCO, 4x4) beside it."""
-    lines = ['| per-GPU batch | norm in FPN + heads | box mAP | mask mAP | seeds | paper box / mask AP (COCO, 4x4) |',
-             '|---|---|---|---|---|---|']
+    precise = any(PRECISE_KEYS[0] in v for v in summary.values())
+    head = '| per-GPU batch | norm in FPN + heads | box mAP | mask mAP |'
+    if precise:
+        head += ' box mAP, precise stats | mask mAP, precise stats |'
+    lines = [head + ' seeds | paper box / mask AP (COCO, 4x4) |', '|---' * (head.count('|') + 1) + '|']
+
+    def cell(v, k):
+        return f"{v[k]:.3f} +- {v[k + '_std']:.3f}" if k in v else ''
     for v in summary.values():
         paper = PAPER.get(v['arm']) if v['batch'] == 4 else None
-        lines.append(f"| 4x{v['batch']} | {LABELS[v['arm']]} | {v['bbox_mAP']:.3f} +- {v['bbox_mAP_std']:.3f} "
-                     f"| {v['segm_mAP']:.3f} +- {v['segm_mAP_std']:.3f} | {len(v['seeds'])} "
-                     f"| {'%.1f / %.1f' % paper if paper else ''} |")
+        ks = KEYS + (PRECISE_KEYS if precise else ())
+        lines.append(f"| 4x{v['batch']} | {LABELS[v['arm']]} | " + ' | '.join(cell(v, k) for k in ks)
+                     + f" | {len(v['seeds'])} | {'%.1f / %.1f' % paper if paper else ''} |")
     return '\n'.join(lines) + '\n'
 
 

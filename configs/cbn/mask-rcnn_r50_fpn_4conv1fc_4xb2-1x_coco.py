@@ -1,0 +1,8 @@
+# Small-batch regime of the paper's "-" row (no normalization in FPN and heads, backbone BN
+# frozen): as mask-rcnn_r50_fpn_4conv1fc_4xb4-1x_coco.py with 2 images per GPU on 4 GPUs;
+# learning rate scaled linearly (16 images at 0.02 -> 8 images at 0.01).
+_base_ = './mask-rcnn_r50_fpn_4conv1fc_4xb4-1x_coco.py'
+
+train_dataloader = dict(batch_size=2)
+auto_scale_lr = dict(base_batch_size=8)  # the total batch of this lr
+optim_wrapper = dict(optimizer=dict(lr=0.01))
