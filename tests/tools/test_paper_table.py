@@ -56,6 +56,32 @@ def test_table_with_precise_columns():
     assert '| 4x1 | GN | 0.400 +- 0.000 | 0.300 +- 0.000 |  |  | 1 |  |' in table
 
 
+def _write_runs(path, rows):
+    import json
+    path.mkdir()
+    path.joinpath('runs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    return str(path)
+
+
+def test_runs_merge_across_outputs_and_tabulate_by_length(tmp_path):
+    """A run found in two outputs (study 5 kept no precise metrics) is one run, the precise
+    copy kept; 24-epoch runs tabulate beside 12-epoch ones; a mismatch stops the report."""
+    old = _write_runs(tmp_path / 'old', [_row(1, 'cbn', 0, 0.25, 0.16), _row(1, 'cbn', 1, 0.29, 0.17)])
+    new = _write_runs(tmp_path / 'new', [dict(_row(1, 'cbn', 0, 0.25, 0.16), epochs=12,
+                                              precise_bbox_mAP=0.26, precise_segm_mAP=0.165)])
+    long = _write_runs(tmp_path / 'long', [dict(_row(1, 'cbn', s, 0.3, 0.2), epochs=24,
+                                                precise_bbox_mAP=0.31, precise_segm_mAP=0.21) for s in (0, 1)])
+    rows = pt.merge_runs([long, old, new])
+    assert len(rows) == 4
+    assert [r for r in rows if r['seed'] == 0 and r['epochs'] == 12][0]['precise_bbox_mAP'] == 0.26
+    table = pt.convergence_table(rows, 1)
+    assert '| CBN | 12 | 0.270 +- 0.020 | 0.165 +- 0.005 |  |  | 0, 1 |' in table  # precise: seed 0 only
+    assert '| CBN | 24 | 0.300 +- 0.000 | 0.200 +- 0.000 | 0.310 +- 0.000 | 0.210 +- 0.000 | 0, 1 |' in table
+    other = _write_runs(tmp_path / 'other', [_row(1, 'cbn', 0, 0.24, 0.16)])
+    with pytest.raises(SystemExit, match='differs between study outputs'):
+        pt.merge_runs([old, other])
+
+
 def test_cells_are_checked():
     with pytest.raises(SystemExit, match='not in the study'):
         pt.main(['--cells', '8:cbn', '--out', '/nonexistent'])

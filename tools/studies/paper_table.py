@@ -189,6 +189,8 @@ def main(argv=None):
     p.add_argument('--precise', type=int, default=0, metavar='N',
                    help='also evaluate each final checkpoint with precise BN statistics from N '
                         'training images (tools/precise_stats.py, then tools/test.py)')
+    p.add_argument('--compare', nargs='+', default=[], metavar='DIR',
+                   help='outputs of runs at other lengths: write convergence.md/.png (mAP by epochs)')
     p.add_argument('--port', type=int, default=29531)
     p.add_argument('--report', action='store_true',
                    help='only write the outputs from the runs already in runs.jsonl')
@@ -211,10 +213,7 @@ def main(argv=None):
         subprocess.run([sys.executable, 'tools/make_digits_coco.py'], cwd=ROOT, check=True)
         subprocess.run([sys.executable, 'tools/pretrain_backbone.py'], cwd=ROOT, check=True)
     log = os.path.join(out, 'runs.jsonl')
-    rows = []
-    if os.path.exists(log):
-        with open(log) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_runs(out)
 
     def ensure(batch, arm, seed):
         if a.report or any(r['batch'] == batch and r['arm'] == arm and r['seed'] == seed for r in rows):
@@ -250,6 +249,90 @@ def main(argv=None):
     with open(os.path.join(out, 'table.md'), 'w') as f:
         f.write(table)
     print('\n' + table)
+    if a.compare:
+        both = merge_runs([out] + [os.path.join(ROOT, d) for d in a.compare])
+        table = ''.join(convergence_table(both, b) for b in sorted({r['batch'] for r in rows}, reverse=True))
+        with open(os.path.join(out, 'convergence.md'), 'w') as f:
+            f.write(table)
+        plot_convergence([r for r in both if r['batch'] in {x['batch'] for x in rows}],
+                         os.path.join(out, 'convergence.png'))
+        print('\n' + table)
+
+
+def read_runs(out):
+    log = os.path.join(out, 'runs.jsonl')
+    if not os.path.exists(log):
+        return []
+    with open(log) as f:
+        return [dict(json.loads(line)) for line in f if line.strip()]
+
+
+def merge_runs(outs):
+    """The runs of several study outputs, one per (batch, arm, seed, epochs). A run found twice
+    must have the same running-statistics metrics (training is deterministic); the copy with
+    precise metrics is kept."""
+    merged = {}
+    for out in outs:
+        for r in read_runs(out):
+            r['epochs'] = r.get('epochs', 12)
+            key = (r['batch'], r['arm'], r['seed'], r['epochs'])
+            old = merged.get(key)
+            if old is not None and any(old[k] != r[k] for k in KEYS):
+                sys.exit(f'{key} differs between study outputs: {[old[k] for k in KEYS]} vs {[r[k] for k in KEYS]}')
+            if old is None or len(r) > len(old):
+                merged[key] = r
+    return list(merged.values())
+
+
+def convergence_table(rows, batch):
+    """Per arm at ``batch``: mean +- std over seeds at each schedule length."""
+    lines = [f'4 processes x {batch} image(s):\n',
+             '| norm in FPN + heads | epochs | box mAP | mask mAP | box mAP, precise stats '
+             '| mask mAP, precise stats | seeds |', '|---|---|---|---|---|---|---|']
+    for arm in ARMS:
+        for epochs in sorted({r['epochs'] for r in rows}):
+            got = [r for r in rows if (r['batch'], r['arm'], r['epochs']) == (batch, arm, epochs)]
+            if not got:
+                continue
+            cells = []
+            for k in KEYS + PRECISE_KEYS:
+                vals = [r[k] for r in got if k in r]
+                cells.append(f'{np.mean(vals):.3f} +- {np.std(vals):.3f}' if len(vals) == len(got) else '')
+            lines.append(f'| {LABELS[arm]} | {epochs} | ' + ' | '.join(cells)
+                         + f" | {', '.join(str(r['seed']) for r in sorted(got, key=lambda r: r['seed']))} |")
+    return '\n'.join(lines) + '\n\n'
+
+
+def plot_convergence(rows, path):
+    """mAP against schedule length per arm (solid: running statistics, dashed: precise)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    batches = sorted({r['batch'] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(len(batches), 2, figsize=(10, 3.8 * len(batches)), squeeze=False)
+    for row_axes, b in zip(axes, batches):
+        for ax, key, title in zip(row_axes, KEYS, ('box mAP', 'mask mAP')):
+            for i, arm in enumerate(ARMS):
+                got = [r for r in rows if r['batch'] == b and r['arm'] == arm]
+                lengths = sorted({r['epochs'] for r in got})
+                if len(lengths) < 2:
+                    continue
+                for k, style in ((key, '-'), ('precise_' + key, '--')):
+                    pts = [(e, [r[k] for r in got if r['epochs'] == e and k in r]) for e in lengths]
+                    pts = [(e, v) for e, v in pts  # precise only where every seed has it
+                           if v and len(v) == sum(r['epochs'] == e for r in got)]
+                    if not pts:
+                        continue
+                    ax.plot([e for e, _ in pts], [np.mean(v) for _, v in pts], style, color=f'C{i}',
+                            marker='o', label=LABELS[arm] + (' (precise)' if style == '--' else ''))
+                    for e, v in pts:
+                        ax.scatter([e] * len(v), v, color=f'C{i}', s=8)
+            ax.set_xlabel('epochs')
+            ax.set_title(f'{title} on val, 4 processes x {b} image(s)')
+            ax.grid(alpha=0.3)
+        row_axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def markdown_table(summary):
