@@ -264,7 +264,7 @@ def read_runs(out):
     if not os.path.exists(log):
         return []
     with open(log) as f:
-        return [dict(json.loads(line)) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def merge_runs(outs):
