@@ -317,8 +317,10 @@ def plot_convergence(rows, path):
                 lengths = sorted({r['epochs'] for r in got})
                 if len(lengths) < 2:
                     continue
-                has_bn = any(r.get('precise_layers') for r in got)  # else precise = running
-                for k, style in ((key, '-'), ('precise_' + key, '--'))[:2 if has_bn else 1]:
+                styles = [(key, '-')]
+                if any(r.get('precise_layers') for r in got):  # else precise = running
+                    styles.append(('precise_' + key, '--'))
+                for k, style in styles:
                     pts = [(e, [r[k] for r in got if r['epochs'] == e and k in r]) for e in lengths]
                     pts = [(e, v) for e, v in pts  # precise only where every seed has it
                            if v and len(v) == sum(r['epochs'] == e for r in got)]
