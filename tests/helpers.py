@@ -1,9 +1,7 @@
 """Shared test helpers: a tiny digits dataset and running the repo's tools."""
 import os
 import os.path as osp
-import subprocess
 import sys
-
 import warnings
 
 import pytest
@@ -90,13 +88,15 @@ def digits_options(data_root, batch_size=4):
 
 
 def run_tool(args, env=None, timeout=900):
-    """Run a repo tool with this interpreter; return stdout+stderr, raise with it on failure."""
+    """Run a repo tool with this interpreter (under a deadline: tests/multiproc.py); return
+    stdout+stderr, raise with it on failure."""
+    from tests.multiproc import run
     full_env = dict(os.environ, **(env or {}))
-    proc = subprocess.run([sys.executable] + list(args), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=full_env, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f'{args} exited {proc.returncode}:\n{proc.stdout[-6000:]}')
-    return proc.stdout
+    rc, out = run([sys.executable] + list(args), cwd=ROOT, env=full_env, deadline=timeout,
+                  what=' '.join(args[:3]))
+    if rc != 0:
+        raise AssertionError(f'{args} exited {rc}:\n{out[-6000:]}')
+    return out
 
 
 def digits_config(config, data_root, out_path, with_mask, batch_size=2, extra=None):

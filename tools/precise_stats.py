@@ -55,7 +55,7 @@ def main(argv=None):
                                                             layers=len(names))
         torch.save(ckpt, out)
         print(f'[cbn_mmdet] precise statistics of {len(names)} layers written to {out}', flush=True)
-    shutdown()
+    shutdown(runner)
     return out
 
 

@@ -38,7 +38,7 @@ def main(argv=None):
     metrics = runner.test()
     from mmengine.dist import is_main_process
     main_process = is_main_process()
-    shutdown()
+    shutdown(runner)
     if main_process:  # one summary line, also under dist_test.sh
         print({k: round(float(v), 4) for k, v in metrics.items()}, flush=True)
     return metrics

@@ -55,7 +55,7 @@ def main(argv=None):
     cfg = apply_train_args(load_config(args), args)
     runner = build_runner(cfg)
     runner.train()
-    shutdown()
+    shutdown(runner)
 
 
 if __name__ == '__main__':

@@ -81,10 +81,22 @@ def build_runner(cfg):
     return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
 
 
-def shutdown() -> None:
-    """Destroy the process group before exit: a gloo group still alive at interpreter exit can
-    abort the process ("terminate called without an active exception") after a good run."""
+def shutdown(runner=None) -> None:
+    """End a distributed run explicitly: a barrier, then the DDP wrapper (its reducer holds
+    the process group and the last gradient all-reduce) is dropped while the group is still
+    alive, then the group is destroyed. Left to interpreter exit, the wrapper's destructor
+    releases the gloo group last and joins gloo's worker threads while holding the GIL, which
+    deadlocked a rank on torch 2.1.2 (a worker thread freeing finished work waits for the GIL)
+    or aborted it ("terminate called without an active exception")."""
+    import gc
+
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    if runner is not None:
+        from mmengine.model import is_model_wrapper
+        if is_model_wrapper(runner.model):
+            runner.model = runner.model.module
+        gc.collect()
+    dist.destroy_process_group()

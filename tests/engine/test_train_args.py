@@ -27,7 +27,6 @@ def test_auto_scale_lr_needs_base_batch_size():
 
 
 def test_amp_without_an_accelerator_exits_in_one_line_before_building(monkeypatch, capsys):
-    import subprocess
     import sys
 
     import torch
@@ -41,7 +40,8 @@ def test_amp_without_an_accelerator_exits_in_one_line_before_building(monkeypatc
     assert str(exc.value).startswith('tools/train.py: error: --amp needs a CUDA')
     # as a user runs it: one line on stderr, exit status 1
     from tests.helpers import ROOT
-    proc = subprocess.run([sys.executable, 'tools/train.py', QUICKSTART, '--amp'], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert '--amp needs a CUDA' in proc.stderr
+    from tests.multiproc import run_split
+    rc, _, err = run_split([sys.executable, 'tools/train.py', QUICKSTART, '--amp'], cwd=ROOT,
+                           deadline=120)
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert '--amp needs a CUDA' in err

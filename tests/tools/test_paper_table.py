@@ -120,7 +120,9 @@ def test_a_study_config_trains_through_dist_train(tmp_path, monkeypatch):
     model = Config.fromfile(osp.join(work, osp.basename(pt.CONFIG.format(arm='syncbn', batch=1)))).model
     for norm in (model.neck.norm_cfg, model.roi_head.bbox_head.norm_cfg, model.roi_head.mask_head.norm_cfg):
         assert norm == dict(type='SyncCBN', window=1, requires_grad=True)
-    # --precise: tools/precise_stats.py then tools/test.py on the final checkpoint
+    # --precise: tools/precise_stats.py then tools/test.py on the final checkpoint (each run
+    # through tests/helpers.run_tool, under its deadline)
+    monkeypatch.setattr(pt, 'run_tool', lambda args, env: run_tool(args, env=env))
     options = [f'model.backbone.init_cfg.checkpoint={ckpt}', 'train_cfg.max_epochs=1'] + \
         digits_options(data, batch_size=1)[:5]
     precise, layers = pt.precise_metrics(pt.CONFIG.format(arm='syncbn', batch=1),

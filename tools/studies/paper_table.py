@@ -57,17 +57,22 @@ def metrics_of_test(stdout):
     return ast.literal_eval(stdout.strip().splitlines()[-1])
 
 
+def run_tool(args, env):
+    """A repo tool with this interpreter; its output, or exit with its tail if it failed."""
+    proc = subprocess.run([sys.executable] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    if proc.returncode:
+        sys.exit(f'{" ".join(args[:3])} failed:\n{proc.stdout[-6000:]}')
+    return proc.stdout
+
+
 def precise_metrics(config, ckpt, work, options, num_images, env):
     """tools/precise_stats.py on the final checkpoint (one process, ``num_images`` training
     images), then tools/test.py on the new checkpoint: the val metrics with population statistics.
     A model without trained BN-family layers (no norm, GN) keeps its statistics, so its metrics
     are the running ones (``None`` returned, layers 0)."""
     def tool(args):
-        proc = subprocess.run([sys.executable] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-        if proc.returncode:
-            sys.exit(f'{" ".join(args[:3])} failed:\n{proc.stdout[-6000:]}')
-        return proc.stdout
+        return run_tool(args, env)
     cfg_options = ['--cfg-options'] + options if options else []
     out = tool(['tools/precise_stats.py', config, ckpt, '--num-images', str(num_images),
                 '--work-dir', os.path.join(work, 'precise')] + cfg_options)
