@@ -44,7 +44,7 @@ def convert_cbn_to_bn(module: nn.Module) -> nn.Module:
                     lambda m: _copy_bn_state(m, _like(m, nn.BatchNorm2d)))
 
 
-def convert_bn_to_cbn(module: nn.Module, window: int = 4, burnin: int = 0,
+def convert_bn_to_cbn(module: nn.Module, window: int = 4, burnin=None,
                       compensate: bool = True) -> nn.Module:
     """Replace every ``nn.BatchNorm2d`` (and SyncBatchNorm) by a CBN layer with the same
     parameters and running statistics. CBN options are passed on and validated."""

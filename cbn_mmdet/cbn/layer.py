@@ -1,5 +1,6 @@
 """Cross-Iteration Batch Normalization as a drop-in ``_BatchNorm`` subclass."""
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -13,11 +14,33 @@ from .functional import CountNormalize, derivatives, exact_fp32, non_finite, poo
 from .kernels import stats_dtype
 from .options import check_bool, check_eps, check_int, check_momentum, reject_unknown
 from .steps import StepTracker
-from .window import BUFFERS, SAVED_BUFFERS, RingWindow, adapt_state, register_buffers, saved_state
+from .window import (BUFFERS, SAVED_BUFFERS, RingWindow, adapt_state, apply_to_window, init_window,
+                     saved_state)
 
-# State saved in the state_dict next to BN's own buffers: the window in the checkpoint layout
-# (window.py) and the two counters.
-STATE_BUFFERS = SAVED_BUFFERS + ('cbn_valid', 'cbn_head', 'cbn_step', 'cbn_skipped')
+# The window's keys in a saved window (window.py) and in state_dicts of layout version < 3.
+WINDOW_KEYS = SAVED_BUFFERS + ('cbn_valid', 'cbn_head')
+COUNTERS = ('cbn_step', 'cbn_skipped')  # in the state_dict next to BN's own buffers
+
+
+_LAYERS: 'weakref.WeakSet' = weakref.WeakSet()  # every layer built, for the burn-in warning
+_warned_no_burnin = False
+
+
+def _warn_no_burnin(layer) -> None:
+    """Once per process: layers start their window with no burn-in (none given, no CBNHook)."""
+    global _warned_no_burnin
+    layer.burnin_given = True  # checked once per layer
+    if _warned_no_burnin:
+        return
+    _warned_no_burnin = True
+    n = sum(1 for m in _LAYERS if m.window > 1 and not (m.burnin_given or m.configured_by_hook))
+    warnings.warn(
+        f'{n + 1} CBN layers (first: {layer._name()}) start their window at training step '
+        f'{layer._step} with no burn-in: no `burnin` was given and no CBNHook is in the run. The '
+        'paper trains as plain BN first (window started at full learning rate: box mAP 0.271 -> '
+        "0.112 in docs/studies.md, study 5). Add custom_hooks=[dict(type='CBNHook', "
+        "burnin_epochs='first_lr_step')] to the config, or give the layers `burnin` "
+        '(burnin=0 to start at once without this warning).', stacklevel=3)
 
 
 def _row(buf: Tensor, i: int) -> Tensor:
@@ -35,28 +58,38 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         num_features: channels C.
         eps, momentum, affine, track_running_stats: as ``nn.BatchNorm2d``.
         window: iterations pooled, the current one included (k). 1 is BatchNorm2d.
-        burnin: training iterations run as plain BatchNorm2d before the window is used.
+        burnin: training iterations run as plain BatchNorm2d before the window is used. None
+            (default): 0, to be set by ``CBNHook``; a layer that starts its window with neither
+            warns once per process (the paper's recipe has a burn-in).
         compensate: correct stored statistics for the weight change (False: plain averaging).
     """
 
     _abbr_ = 'bn'
+    # state_dict layout: 3 = BN's buffers and the two counters (the window is saved apart, see
+    # window_state); 2 and earlier (CBN) also held the window; BN's own layouts are 2 and None.
+    _version = 3
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window: int = 4,
-                 burnin: int = 0, compensate: bool = True, device=None, dtype=None, **unknown):
+                 burnin: Optional[int] = None, compensate: bool = True, device=None, dtype=None,
+                 **unknown):
         reject_unknown(type(self), unknown)
         super().__init__(check_int('num_features', num_features, 1), check_eps(eps),
                          check_momentum(momentum), check_bool('affine', affine),
                          check_bool('track_running_stats', track_running_stats), device, dtype)
         self.window = check_int('window', window, 1)
-        self.burnin = check_int('burnin', burnin, 0)
+        self._burnin = 0 if burnin is None else check_int('burnin', burnin, 0)
+        self.burnin_given = burnin is not None
+        self.configured_by_hook = False  # CBNHook set the burn-in and drives the steps
+        self._driven = False
         self.compensate = check_bool('compensate', compensate)
-        register_buffers(self, device, dtype or torch.get_default_dtype())
+        init_window(self, device, dtype or torch.get_default_dtype())
         self.register_buffer('cbn_step', torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer('cbn_skipped', torch.zeros((), dtype=torch.long, device=device))
         self.layer_name: Optional[str] = None  # set by cbn_mmdet.name_cbn_layers, used in warnings
         self.probe: Optional[dict] = None  # a dict to fill with this step's estimates (studies)
         self._reset_host_state()
+        _LAYERS.add(self)
 
     def extra_repr(self):
         return (super().extra_repr() +
@@ -76,7 +109,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     # ------------------------------------------------------------------ host-side bookkeeping
     def _reset_host_state(self):
-        self.steps = StepTracker(int(self.cbn_step), self._name)  # mirrors cbn_step, no syncs
+        self.steps = StepTracker(int(self.cbn_step), self._name, self._driven)  # mirrors cbn_step
         self._tracked = int(self.num_batches_tracked) if self.track_running_stats else 0
         self.ring = RingWindow(self)
         self._warned = False
@@ -91,9 +124,32 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """Forget the stored iterations (the step counter and running statistics are kept)."""
         self.ring.clear()
 
+    def start_new_run(self):
+        """A new training run from these weights (fine-tuning): empty window, step 0, so the
+        run's burn-in comes first; weights and running statistics are kept."""
+        self.ring.clear()
+        self.cbn_step.zero_()
+        self.cbn_skipped.zero_()
+        self._reset_host_state()
+
+    def drive_steps_by_runner(self):
+        """Training steps begin at :meth:`StepTracker.new_iteration` (``CBNHook`` calls it per
+        runner iteration) instead of being inferred from the layer's calls."""
+        self._driven = True
+        self.steps.driven = True
+
+    @property
+    def burnin(self) -> int:
+        return self._burnin
+
+    @burnin.setter
+    def burnin(self, value: int):
+        self._burnin = check_int('burnin', value, 0)
+        self.burnin_given = True
+
     @property
     def in_burnin(self) -> bool:
-        return self._step < self.burnin
+        return self._step < self._burnin
 
     def _name(self):
         return self.layer_name or f'{type(self).__name__}({self.num_features}) at {id(self):#x}'
@@ -119,7 +175,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return self._recompute(y)  # activation checkpointing reruns the forward in backward
         rec, why = find_producing_conv(y)
         stream = self._begin_call(y, rec.weight if rec is not None else None)
-        use_window = self.window > 1 and self._step - 1 >= self.burnin
+        use_window = self.window > 1 and self._step - 1 >= self._burnin
+        if use_window and not (self.burnin_given or self.configured_by_hook):
+            _warn_no_burnin(self)
         if not use_window and not collective:
             self.steps.record(None)
             if self.track_running_stats:
@@ -139,8 +197,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         moments = kern.moments(y, out=self._scratch('moments', (2, self.num_features), y))
         derivs = None
         if w is not None:
-            rows = self.num_features + rec.groups
-            derivs = derivatives(rec, y, out=self._scratch('deriv', (rows, w.shape[1]), y))
+            derivs = derivatives(rec, y)  # (rows, K): for this call only, like the window's copy
         return moments, derivs, y.numel() // self.num_features
 
     def _scratch(self, name: str, shape, like: Tensor) -> Tensor:
@@ -231,18 +288,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.probe.update(batch=mean_var(moments), plain=mean_var(plain),
                           cbn=(stats[0].clone(), stats[1].clone()), step=self._step)
 
-    def _running_pair(self) -> Tensor:
-        """running_mean and running_var as rows of one (2, C) tensor (they are views of it), so
-        that one ``where`` and one ``lerp_`` update both. Relinked after ``.to()`` and the like."""
-        rm, rv = self.running_mean, self.running_var
-        pair = self.__dict__.get('_pair')
-        if pair is not None and pair[0] is rm and pair[1] is rv:
-            return pair[2]
-        base = torch.stack((rm, rv))  # (re)link: after construction, .to(), .half(), ...
-        self.running_mean, self.running_var = base[0], base[1]
-        self.__dict__['_pair'] = (self.running_mean, self.running_var, base)
-        return base
-
     def _update_running(self, stats, row, bad):
         """Running statistics follow the window's mean and (unbiased) variance: the statistics the
         layer normalized with in training, so eval sees what training saw. A non-finite batch
@@ -252,9 +297,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.num_batches_tracked.add_(1)
         self.__dict__['_tracked'] = self._tracked + 1
         factor = self.momentum if self.momentum is not None else 1.0 / self._tracked
-        pair = self._running_pair()
-        new = (stats * row[1:3, None]).to(pair.dtype)
-        pair.lerp_(torch.where(bad, pair, new), factor)
+        new = (stats * row[1:3, None]).to(self.running_mean.dtype)
+        for i, running in enumerate((self.running_mean, self.running_var)):  # two tensors:
+            running.lerp_(torch.where(bad, running, new[i]), factor)        # nothing aliased
 
     def _empty(self, y):
         """No positions (e.g. a mask head with no positive RoI): no statistics, no state change;
@@ -276,34 +321,52 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn, *args, **kwargs):
-        """``.to()``, ``.half()`` and the like: drop the work tensors and cached views of the
-        old buffers (they are rebuilt for the new ones)."""
+        """``.to()``, ``.half()`` and the like: convert the window too (it is not a buffer), and
+        drop the work tensors and cached views of the old tensors (rebuilt for the new ones)."""
         out = super()._apply(fn, *args, **kwargs)
+        apply_to_window(self, fn)
         self._work.clear()
         self.ring._cache = None
         return out
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
+    def window_state(self) -> dict:
+        """The stored iterations (checkpoint layout, on the CPU), for an exact resume; what
+        ``CBNHook(save_window=True)`` writes into checkpoints."""
         self.ring.sync()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination.update((prefix + k, v) for k, v in saved_state(self).items())
+        return saved_state(self)
+
+    def load_window_state(self, state: dict) -> None:
+        """Restore what :meth:`window_state` returned (adapted to this layer's ``window``)."""
+        state = dict(state)
+        msg = adapt_state(state, '', self.window, self._name())
+        if msg:
+            warnings.warn(msg)
+        self._set_window(state, '')
+        self.ring = RingWindow(self)
+
+    def _set_window(self, state, prefix):
+        for name in BUFFERS:
+            src, cur = state.pop(prefix + name), getattr(self, name)
+            dt = cur.dtype if name in ('cbn_valid', 'cbn_head') else self.running_mean.dtype
+            setattr(self, name, src.to(device=cur.device, dtype=dt, copy=True))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        if any(prefix + n in state_dict for n in STATE_BUFFERS + BUFFERS):
+        """Layout 3: weights, BN buffers, counters; the window starts empty (it described the
+        weights before this load) unless restored by :meth:`load_window_state`. Layouts < 3
+        that hold a window (earlier CBN checkpoints) restore it."""
+        version = local_metadata.get('version', None)
+        old = [k for k in WINDOW_KEYS + BUFFERS if prefix + k in state_dict]
+        if (version is None or version < 3) and old:
             state_dict = dict(state_dict)  # adapted below; the caller's dict stays as it was
             msg = adapt_state(state_dict, prefix, self.window, self._name())
             if msg:
                 warnings.warn(msg)
-        if prefix + 'cbn_valid' in state_dict:
-            for name in BUFFERS:  # not persistent: set here from the adapted state
-                src, cur = state_dict.pop(prefix + name), getattr(self, name)
-                dt = cur.dtype if name in ('cbn_valid', 'cbn_head') else self.running_mean.dtype
-                setattr(self, name, src.to(device=cur.device, dtype=dt, copy=True))
+            self._set_window(state_dict, prefix)
         else:
-            self.reset_window()  # a plain BN checkpoint: start with an empty window
+            self.reset_window()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        ours = {prefix + n for n in STATE_BUFFERS}
+        ours = {prefix + n for n in COUNTERS}  # a plain BN checkpoint loads strictly
         missing_keys[:] = [k for k in missing_keys if k not in ours]
         self._reset_host_state()

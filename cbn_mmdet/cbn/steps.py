@@ -26,8 +26,10 @@ class StepTracker:
     stream index: the i-th call of a step pools with the i-th calls of earlier steps.
     """
 
-    def __init__(self, step: int, name: Callable[[], str]):
+    def __init__(self, step: int, name: Callable[[], str], driven: bool = False):
         self.step = step                 # steps begun so far (the layer's cbn_step)
+        self.driven = driven             # steps begin at new_iteration() only (a runner's hook)
+        self.boundary = True             # driven: the next call begins a step
         self.calls = 0                   # calls so far in the current step
         self.backward_seen = True        # a backward pass reached the layer since its last call
         self.signature = None            # parameter versions at the last call
@@ -38,6 +40,8 @@ class StepTracker:
     def begin_call(self, y: Tensor, params) -> bool:
         """Account for one training-mode call; True when it starts a new step. ``params``: the
         parameters the layer can see (None entries allowed)."""
+        if self.driven:
+            return self._driven_call()
         params = [p for p in params if p is not None and p.requires_grad]
         signature = tuple(p._version for p in params)
         grads_flow = torch.is_grad_enabled() and (y.requires_grad or bool(params))
@@ -53,6 +57,18 @@ class StepTracker:
             self.step += 1
             self.calls, self.replay, self.backward_seen = 0, [], False
         self.signature = signature
+        self.calls += 1
+        return new_step
+
+    def new_iteration(self) -> None:
+        """The training loop begins an iteration: the next call begins a step."""
+        self.boundary = True
+
+    def _driven_call(self) -> bool:
+        new_step, self.boundary = self.boundary, False
+        if new_step:
+            self.step += 1
+            self.calls, self.replay, self.backward_seen = 0, [], False
         self.calls += 1
         return new_step
 

@@ -21,7 +21,7 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window: int = 4,
-                 burnin: int = 0, compensate: bool = True, process_group=None, device=None,
+                 burnin: Optional[int] = None, compensate: bool = True, process_group=None, device=None,
                  dtype=None, **unknown):
         reject_unknown(type(self), unknown)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, window,

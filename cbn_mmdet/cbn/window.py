@@ -1,7 +1,11 @@
 """The window's ring buffer: the last ``window - 1`` iterations of each call stream.
 
-The tensors live in the owning module's buffers (so they are in its state_dict and follow
-``.to()``); this object knows their layout and is the only code that reads or writes them.
+The tensors are plain attributes of the owning module, not buffers: they are training state
+of changing shape (they grow with the call streams), so they stay out of ``buffers()`` and the
+module's ``state_dict`` (what EMA copies and averages, what a deployed BN model loads). The
+module converts them in ``_apply`` (``.to()``, ``.half()``); checkpoints carry them only when
+asked (:func:`saved_state`, written by ``CBNHook`` next to the state_dict). This object knows
+their layout and is the only code that reads or writes them.
 Per stream ``s`` (the i-th call of a step; a head shared across FPN levels has several) and
 slot ``e`` (``E = window - 1`` slots, ``head[s]`` is the oldest, overwritten next):
 
@@ -13,9 +17,8 @@ slot ``e`` (``E = window - 1`` slots, ``head[s]`` is the oldest, overwritten nex
     cbn_valid   (S, E) bool     the slot holds a finite iteration
     cbn_head    (S,)          next slot to overwrite (kept on the host, written at save time)
 
-These buffers are not persistent: the state_dict holds the window in the checkpoint layout of
-every release (``saved_state``), one tensor per moment, projection and derivative, so
-checkpoints load in earlier and later versions alike and tools reading ``cbn_dnu`` keep working.
+In a checkpoint the window is kept in the layout of every release (:func:`saved_state`), one
+tensor per moment, projection and derivative, so tools reading ``cbn_dnu`` keep working.
 """
 from typing import List, Optional, Tuple
 
@@ -31,31 +34,39 @@ BUFFERS = FLOAT_BUFFERS + ('cbn_valid', 'cbn_head')
 SAVED_BUFFERS = ('cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu', 'cbn_dmu', 'cbn_dnu')
 
 
-def register_buffers(module, device=None, dtype=None):
+def init_window(module, device=None, dtype=None):
+    """Empty window tensors on ``module`` (plain attributes, see the module docstring)."""
     for name in FLOAT_BUFFERS:
-        module.register_buffer(name, torch.zeros(0, device=device, dtype=dtype), persistent=False)
-    module.register_buffer('cbn_valid', torch.zeros(0, dtype=torch.bool, device=device),
-                           persistent=False)
-    module.register_buffer('cbn_head', torch.zeros(0, dtype=torch.long, device=device),
-                           persistent=False)
+        setattr(module, name, torch.zeros(0, device=device, dtype=dtype))
+    module.cbn_valid = torch.zeros(0, dtype=torch.bool, device=device)
+    module.cbn_head = torch.zeros(0, dtype=torch.long, device=device)
 
 
-def saved_state(module) -> dict:
-    """The window of ``module`` in the checkpoint layout (copies, suffixes without prefix)."""
+def apply_to_window(module, fn):
+    """``fn`` (what ``nn.Module._apply`` applies to buffers) on each window tensor."""
+    for name in BUFFERS:
+        setattr(module, name, fn(getattr(module, name)))
+
+
+def saved_state(module, device='cpu') -> dict:
+    """The window of ``module`` in the checkpoint layout, as copies on ``device`` (on the CPU by
+    default: no second copy of the window on the accelerator), suffixes without prefix."""
+    def copy(t):
+        return t.detach().to(device, copy=True)
     moments, proj, deriv = module.cbn_moments, module.cbn_proj, module.cbn_deriv
     out = {}
     if moments.dim() == 4:
-        out['cbn_mu'], out['cbn_nu'] = (t.clone() for t in moments.unbind(2))
-        out['cbn_wmu'], out['cbn_wnu'] = (t.clone() for t in proj.unbind(2))
+        out['cbn_mu'], out['cbn_nu'] = (copy(t) for t in moments.unbind(2))
+        out['cbn_wmu'], out['cbn_wnu'] = (copy(t) for t in proj.unbind(2))
     else:
-        out.update((n, moments.clone()) for n in ('cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu'))
+        out.update((n, copy(moments)) for n in ('cbn_mu', 'cbn_nu', 'cbn_wmu', 'cbn_wnu'))
     if deriv.dim() == 4:
         c = moments.shape[-1]
-        out['cbn_dmu'], out['cbn_dnu'] = deriv[:, c:].clone(), deriv[:, :c].clone()
+        out['cbn_dmu'], out['cbn_dnu'] = copy(deriv[:, c:]), copy(deriv[:, :c])
     else:
-        out['cbn_dmu'], out['cbn_dnu'] = deriv.clone(), deriv.clone()
-    out['cbn_valid'] = module.cbn_valid.to(moments.dtype)
-    out['cbn_head'] = module.cbn_head.clone()
+        out['cbn_dmu'], out['cbn_dnu'] = copy(deriv), copy(deriv)
+    out['cbn_valid'] = copy(module.cbn_valid).to(moments.dtype)
+    out['cbn_head'] = copy(module.cbn_head)
     return out
 
 
@@ -85,7 +96,7 @@ class RingWindow:
         """Grow to ``stream + 1`` streams (empty slots); keep the float buffers in ``dtype`` (a
         ``.half()`` on the module converts them, the statistics stay float32)."""
         mod = self.module
-        if stream < len(self.heads) and mod._buffers['cbn_moments'].dtype == dtype:
+        if stream < len(self.heads) and mod.cbn_moments.dtype == dtype:
             return  # the hot path: nothing to grow or convert
         for name in FLOAT_BUFFERS:
             buf = getattr(mod, name)
@@ -109,7 +120,7 @@ class RingWindow:
         self.heads += [0] * grow
 
     def has_derivatives(self, rows: int, k: int) -> bool:
-        d = self.module._buffers['cbn_deriv']
+        d = self.module.cbn_deriv
         return d.dim() == 4 and d.shape[1] == rows and d.shape[-1] == k
 
     def _ensure_derivatives(self, rows: int, k: int):
@@ -126,8 +137,8 @@ class RingWindow:
     def _views(self, stream: int) -> dict:
         """Views of the stream's buffers and of each of its slots, built once per buffer set
         (the hot path then indexes nothing; new buffers - growth, ``.to()``, loading - rebuild)."""
-        b = self.module._buffers
-        src = (b['cbn_moments'], b['cbn_proj'], b['cbn_deriv'], b['cbn_valid'])
+        b = self.module
+        src = (b.cbn_moments, b.cbn_proj, b.cbn_deriv, b.cbn_valid)
         if self._cache is None or any(x is not y for x, y in zip(self._cache[0], src)):
             self._cache = (src, {})
         views = self._cache[1].get(stream)
@@ -151,10 +162,10 @@ class RingWindow:
             return moments, valid, None
         if not self.has_derivatives(*derivs.shape):  # nothing stored with derivatives yet
             return moments, valid, compensation_terms(derivs[:, None], w)[0]
-        stored = v['deriv']
-        both = self.module._scratch('window', (stored.shape[0], stored.shape[1] + 1, stored.shape[2]),
-                                    stored)
-        p = compensation_terms(torch.cat((stored, derivs[:, None]), 1, out=both), w)
+        # One product for the stored and the current derivatives needs them side by side: a
+        # copy of this layer's stored derivatives, for this call only (freed on return, so the
+        # layers keep nothing beside their windows; a call's transient is its layer's window).
+        p = compensation_terms(torch.cat((v['deriv'], derivs[:, None]), 1), w)
         e = self.slots
         return moments + (p[:e] - v['proj']), valid, p[e]
 

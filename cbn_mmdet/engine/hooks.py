@@ -49,11 +49,26 @@ class CBNHook(Hook):
         burnin_epochs_by_module: ``{module name prefix: epochs}`` overriding ``burnin_epochs``
             for the CBN layers under that module (the longest matching prefix wins), e.g.
             ``dict(backbone=0.05)`` for a short burn-in of a CBN backbone.
+        save_window: write every CBN layer's window into checkpoints (``checkpoint
+            ['cbn_window']``, beside the state_dict), so that ``--resume`` continues exactly.
+            False: checkpoints hold what a BN model's do plus two counters per layer, and a
+            resumed run refills each window in its first ``window - 1`` iterations.
+
+    Also: after ``load_from`` (a new run from trained weights) every CBN layer starts with an
+    empty window at step 0 and this run's burn-in; after ``--resume`` everything continues.
+    The runner's iterations are the layers' training steps (no inference from the autograd
+    graph), so a branch that misses the loss in one iteration cannot merge two iterations.
     """
 
     priority = 'VERY_HIGH'
 
-    def __init__(self, burnin_epochs=None, burnin_epochs_by_module: Optional[dict] = None):
+    def __init__(self, burnin_epochs=None, burnin_epochs_by_module: Optional[dict] = None,
+                 save_window: bool = True):
+        if not isinstance(save_window, bool):
+            raise ValueError(f'CBNHook option `save_window` must be True or False, got {save_window!r}')
+        self.save_window = save_window
+        self._loaded = None         # 'resume' or 'load_from', from after_load_checkpoint
+        self._saved_windows = None  # the resumed checkpoint's windows, restored in before_train
         for name, value in [('burnin_epochs', burnin_epochs)] + [
                 (f'burnin_epochs_by_module[{k!r}]', v) for k, v in (burnin_epochs_by_module or {}).items()]:
             if value is not None and value != FIRST_LR_STEP and (
@@ -67,16 +82,61 @@ class CBNHook(Hook):
                              f'name prefixes to epochs, got {burnin_epochs_by_module!r}')
         self.burnin_epochs = burnin_epochs
         self.by_module = dict(burnin_epochs_by_module or {})
+        self._driven = []
 
     def _epochs_for(self, name: str):
         hits = [p for p in self.by_module if name == p or name.startswith(p + '.')]
         return self.by_module[max(hits, key=len)] if hits else self.burnin_epochs
 
-    def before_train(self, runner) -> None:
+    @staticmethod
+    def _layers(runner):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        named = [(n, m) for n, m in model.named_modules() if isinstance(m, CrossIterationBatchNorm2d)]
+        return model, [(n, m) for n, m in model.named_modules()
+                       if isinstance(m, CrossIterationBatchNorm2d)]
+
+    def after_load_checkpoint(self, runner, checkpoint) -> None:
+        """Runs before the weights are loaded; which of resume / load_from it was decides
+        what before_train does with the layers' state."""
+        self._loaded = 'resume' if runner._resume else 'load_from'
+        self._saved_windows = checkpoint.get('cbn_window') if runner._resume else None
+
+    def before_save_checkpoint(self, runner, checkpoint) -> None:
+        if self.save_window:
+            checkpoint['cbn_window'] = {n: m.window_state() for n, m in self._layers(runner)[1]}
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        for m in self._driven:
+            m.steps.new_iteration()
+
+    def _continue_or_restart(self, runner, named) -> str:
+        if self._loaded == 'load_from':
+            for _, m in named:
+                m.start_new_run()
+            return (f'weights loaded from {runner._load_from} for a new run (load_from): every '
+                    'CBN layer starts with an empty window at step 0')
+        if self._loaded != 'resume':
+            return f'steps already seen by the first layer: {named[0][1]._step}'
+        if self._saved_windows is None:
+            return (f'resumed at step {named[0][1]._step}; the checkpoint holds no window '
+                    '(saved with save_window=False): each layer refills its window in its next '
+                    'window - 1 iterations')
+        missing = [n for n, _ in named if n not in self._saved_windows]
+        if missing:
+            raise RuntimeError(f'CBNHook: the resumed checkpoint has no window for {len(missing)} '
+                               f'CBN layers ({", ".join(missing[:3])}, ...): not the same model')
+        for n, m in named:
+            m.load_window_state(self._saved_windows[n])
+        self._saved_windows = None
+        return f'resumed at step {named[0][1]._step} with the saved windows of {len(named)} layers'
+
+    def before_train(self, runner) -> None:
+        model, named = self._layers(runner)
         layers = [m for _, m in named]
         name_cbn_layers(model)
+        self._driven = layers
+        for m in layers:
+            m.drive_steps_by_runner()
+            m.configured_by_hook = True
         if not layers:
             runner.logger.warning('CBNHook: the model has no CBN layer')
             return
@@ -97,7 +157,7 @@ class CBNHook(Hook):
         if groups:
             msg += f' ({per_epoch} iterations per epoch on each of {runner.world_size} processes)'
         windows = sorted({m.window for m in layers})
-        msg += f'; window {windows}; steps already seen by the first layer: {layers[0]._step}'
+        msg += f'; window {windows}; {self._continue_or_restart(runner, named)}'
         runner.logger.info(msg)
         self._warn_if_never_windowed(runner, named)
 

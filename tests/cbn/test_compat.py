@@ -146,3 +146,49 @@ def test_mixed_dtype_addcmul_fallback_is_bit_identical():
 def test_resolve_rejects_unknown_capability():
     with pytest.raises(ValueError, match='unknown capabilities'):
         compat.resolve(missing={'nope'})
+
+
+_TRACKED_IN_FRESH_PROCESS = '''
+import importlib.util, json, sys
+import torch
+import torch.utils.checkpoint as checkpoint
+spec = importlib.util.spec_from_file_location('compat', 'cbn_mmdet/cbn/compat.py')
+compat = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compat)
+chosen = compat.resolve(missing=[sys.argv[1]])
+out = dict(chosen=chosen, outside=compat.saved_tensors_hooks_active())
+with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    out['inside'] = compat.saved_tensors_hooks_active()
+out['after'] = compat.saved_tensors_hooks_active()
+seen = []
+def f(x):
+    seen.append(compat.in_backward_recompute())
+    return x.sin() * 2
+x = torch.randn(3, requires_grad=True)
+checkpoint.checkpoint(f, x, use_reentrant=True).sum().backward()
+out['forward'], out['recompute'] = seen
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.parametrize('api', compat.PRIVATE_APIS)
+def test_one_missing_private_api_gets_a_working_tracker(api):
+    """Either private API missing alone: the fallback chosen for it reads the truth (inside
+    saved-tensor hooks or not; in a reentrant checkpoint's recomputation or in the plain
+    forward). The tracker patches torch once per process, so each case starts in a fresh
+    interpreter, loading compat.py alone (the package's import would add mmengine's seconds)."""
+    import json
+    import os
+    import sys
+
+    from tests.multiproc import run_split
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rc, out, err = run_split([sys.executable, '-c', _TRACKED_IN_FRESH_PROCESS, api], cwd=root,
+                             deadline=120)
+    assert rc == 0, err[-3000:]
+    got = json.loads(out.strip().splitlines()[-1])
+    fallback = {'_top_saved_tensors_default_hooks': ('saved_tensors_hooks_active', '_top_hooks_tracked'),
+                '_current_graph_task_id': ('in_backward_recompute', '_in_recompute_tracked')}[api]
+    assert got['chosen'][fallback[0]] == fallback[1]
+    assert (got['outside'], got['inside'], got['after']) == (False, True, False)
+    assert (got['forward'], got['recompute']) == (False, True)

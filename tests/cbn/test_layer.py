@@ -142,6 +142,61 @@ def test_burnin_iterations_are_batchnorm_then_window_starts():
     assert cbn.cbn_step.item() == 6 and not cbn.in_burnin
 
 
+def test_gradient_accumulation_passes_are_steps_from_the_burnin_on():
+    """Forward+backward passes with no optimizer step in between (gradient accumulation: no
+    parameter changes): each backward ends a training step, the plain-BN burn-in passes too,
+    so the window starts after exactly ``burnin`` passes, as in the reference (whose conv
+    does not move either, so compensation is zero)."""
+    conv = nn.Conv2d(3, 5, 3, padding=1).double()
+    cbn = CrossIterationBatchNorm2d(5, window=3, burnin=2).double()
+    bn = nn.BatchNorm2d(5).double()
+    gamma, beta = cbn.weight.detach().clone(), cbn.bias.detach().clone()
+    ref = ReferenceCBN(5, 3, burnin=2)
+    for step in range(6):
+        x = torch.randn(2, 3, 6, 6, dtype=F64) * (1 + 0.5 * step) + step
+        out, out_ref, out_bn = cbn(conv(x)), ref(conv, x, gamma, beta), bn(conv(x))
+        out.square().sum().backward()
+        assert cbn.cbn_step.item() == step + 1
+        assert cbn.in_burnin == (step + 1 < 2)
+        torch.testing.assert_close(out, out_ref.detach(), rtol=1e-9, atol=1e-9)
+        if step < 2:
+            torch.testing.assert_close(out, out_bn, rtol=0, atol=0)
+        elif step > 2:
+            assert rel(out, out_bn) > 1e-3, 'the window pools the earlier passes'
+    torch.testing.assert_close(cbn.running_mean, ref.running_mean, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(cbn.running_var, ref.running_var, rtol=1e-9, atol=1e-12)
+    assert cbn.cbn_valid.sum() == 2
+
+
+def test_momentum_zero_keeps_the_running_statistics_as_batchnorm_does():
+    """``momentum=0.0`` (frozen running statistics) is valid for BatchNorm2d and for CBN: over
+    burn-in and windowed SGD steps the running statistics stay at their initial values, equal
+    to BatchNorm2d(momentum=0.0)'s, while the outputs follow the reference."""
+    conv = nn.Conv2d(3, 5, 3, padding=1).double()
+    cbn = CrossIterationBatchNorm2d(5, momentum=0.0, window=3, burnin=2).double()
+    bn = nn.BatchNorm2d(5, momentum=0.0).double()
+    conv_ref, conv_bn = copy.deepcopy(conv), copy.deepcopy(conv)
+    gamma, beta = cbn.weight.detach().clone(), cbn.bias.detach().clone()
+    ref = ReferenceCBN(5, 3, burnin=2, momentum=0.0)
+    opts = [torch.optim.SGD(c.parameters(), lr=0.05) for c in (conv, conv_ref, conv_bn)]
+    for step in range(6):
+        x = torch.randn(2, 3, 6, 6, dtype=F64) * 2 + 1
+        outs = cbn(conv(x)), ref(conv_ref, x, gamma, beta), bn(conv_bn(x))
+        assert rel(outs[0], outs[1]) < 1e-6
+        if step < 2:
+            torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0)
+        for o, opt in zip(outs, opts):
+            opt.zero_grad()
+            o.square().sum().backward()
+            opt.step()
+    assert cbn.cbn_valid.sum() > 0  # the window was used
+    for a, b, init in ((cbn.running_mean, bn.running_mean, torch.zeros(5, dtype=F64)),
+                       (cbn.running_var, bn.running_var, torch.ones(5, dtype=F64))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, init, rtol=0, atol=0)
+    assert cbn.num_batches_tracked == bn.num_batches_tracked == 6
+
+
 def _true_window_stats(conv, batches):
     with torch.no_grad():
         y = torch.cat([conv(x) for x in batches])
@@ -202,7 +257,7 @@ def test_input_not_from_conv_warns_once_with_name_and_averages():
 
 
 def test_no_graph_input_uses_plain_averaging_without_warning():
-    layer = CrossIterationBatchNorm2d(3, window=3, momentum=1.0, affine=False).double()
+    layer = CrossIterationBatchNorm2d(3, window=3, momentum=1.0, affine=False, burnin=0).double()
     xs = [torch.randn(2, 3, 4, 4, dtype=F64) + i for i in range(4)]
     with warnings.catch_warnings():
         warnings.simplefilter('error')
@@ -256,28 +311,62 @@ def _data(n, seed=5):
              torch.randint(0, 3, (2,), generator=g)) for _ in range(n)]
 
 
-@pytest.mark.parametrize('split', [1, 2, 4])
-def test_state_dict_round_trip_mid_window(split):
-    """Save after `split` steps (mid-burn-in for split=1), load into a fresh model, continue:
-    identical to never stopping."""
+def _cbn_layers(model):
+    return [m for m in model if isinstance(m, CrossIterationBatchNorm2d)]
+
+
+def _round_trip(split, with_window):
+    """Train ``split`` steps, save (state_dict, optimizer, and the windows if asked), load into a
+    fresh model and train the rest; return the losses and the saved state_dict."""
     data = _data(8)
     model = _model(window=4, burnin=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    full = _steps(model, opt, data)
-
-    model = _model(window=4, burnin=2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     first = _steps(model, opt, data[:split])
+    saved = {'model': model.state_dict(), 'opt': opt.state_dict()}
+    if with_window:
+        saved['windows'] = [m.window_state() for m in _cbn_layers(model)]
     buf = io.BytesIO()
-    torch.save({'model': model.state_dict(), 'opt': opt.state_dict()}, buf)
+    torch.save(saved, buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
     fresh = _model(window=4, burnin=2)
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
     fresh.load_state_dict(saved['model'])
     fresh_opt.load_state_dict(saved['opt'])
-    rest = _steps(fresh, fresh_opt, data[split:])
-    torch.testing.assert_close(torch.cat([first, rest]), full, rtol=0, atol=0)
+    for m, w in zip(_cbn_layers(fresh), saved.get('windows', ())):
+        m.load_window_state(w)
+    return torch.cat([first, _steps(fresh, fresh_opt, data[split:])]), saved['model']
+
+
+def _full_run(reset_at=None):
+    data = _data(8)
+    model = _model(window=4, burnin=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = _steps(model, opt, data[:reset_at])
+    if reset_at is not None:
+        for m in _cbn_layers(model):
+            m.reset_window()
+        losses = torch.cat([losses, _steps(model, opt, data[reset_at:])])
+    return losses
+
+
+@pytest.mark.parametrize('split', [1, 2, 4])
+def test_state_dict_round_trip_mid_window(split):
+    """Save after `split` steps (mid-burn-in for split=1) with each layer's window_state, load
+    into a fresh model, continue: identical to never stopping."""
+    losses, _ = _round_trip(split, with_window=True)
+    torch.testing.assert_close(losses, _full_run(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('split', [3, 4])
+def test_state_dict_alone_resumes_with_an_empty_window(split):
+    """The state_dict holds BN's buffers and the two counters, not the window: loaded alone, the
+    run goes on past its burn-in with an empty window that refills (window - 1 steps), exactly
+    as a run whose windows are emptied at that step, and unlike one that keeps them."""
+    losses, state = _round_trip(split, with_window=False)
+    assert not [k for k in state if '.cbn_' in k and not k.endswith(('cbn_step', 'cbn_skipped'))]
+    torch.testing.assert_close(losses, _full_run(reset_at=split), rtol=0, atol=0)
+    assert (losses[split:] - _full_run()[split:]).abs().max() > 1e-6
 
 
 def test_plain_bn_checkpoint_loads_strict():
@@ -360,3 +449,29 @@ def test_cpu_autocast_keeps_float32_statistics(dtype):
     assert rel(layer.cbn_dnu, ref_layer.cbn_dnu) < 0.05
     assert rel(layer.running_var, ref_layer.running_var) < 0.02
     assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+
+
+def _train_two_steps(*layers):
+    for _ in range(2):
+        for layer in layers:
+            conv = nn.Conv2d(3, layer.num_features, 3)
+            layer(conv(torch.randn(2, 3, 6, 6))).sum().backward()
+
+
+def test_window_without_burnin_warns_once_per_process(monkeypatch, recwarn):
+    """No `burnin` given and no CBNHook: the first layer to start its window says so once for
+    the process, counting the layers in that case; `burnin=0` given, window 1, or a layer
+    configured by CBNHook stay silent."""
+    import cbn_mmdet.cbn.layer as layer_mod
+    monkeypatch.setattr(layer_mod, '_warned_no_burnin', False)
+    quiet = [CrossIterationBatchNorm2d(4, burnin=0), CrossIterationBatchNorm2d(4, window=1)]
+    hooked = CrossIterationBatchNorm2d(4)
+    hooked.configured_by_hook = True
+    _train_two_steps(*quiet, hooked)
+    assert not [w for w in recwarn if 'no burn-in' in str(w.message)]
+    loud = [CrossIterationBatchNorm2d(4), CrossIterationBatchNorm2d(4)]
+    _train_two_steps(*loud)
+    msgs = [str(w.message) for w in recwarn if 'no burn-in' in str(w.message)]
+    assert len(msgs) == 1, msgs
+    count = int(msgs[0].split()[0])  # the layers alive in the process in that case: these two
+    assert count >= 2 and "type='CBNHook'" in msgs[0] and 'burnin=0' in msgs[0]  # (and leftovers)

@@ -5,10 +5,10 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from cbn_mmdet.cbn import CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d
+from tests.multiproc import end_distributed, phase, spawn
 
 # Per step: how the 4 images of the batch are split between rank 0 and rank 1.
 SPLITS = [(2, 2), (3, 1), (4, 0), (1, 3), (2, 2), (0, 4)]
@@ -32,12 +32,14 @@ def _worker(rank, world, port, out_dir, fused=False, splits=SPLITS, norm_kw=None
         with emulated_cuda_kernels():
             return _worker(rank, world, port, out_dir, False, splits, norm_kw)
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    phase('init_process_group')
     dist.init_process_group('gloo', rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = nn.parallel.DistributedDataParallel(_model(SyncCrossIterationBatchNorm2d, **(norm_kw or {})))
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     records = []
     for step, split in enumerate(splits):
+        phase(f'training step {step}')
         x, target = _data(step)
         lo = 0 if rank == 0 else split[0]
         hi = split[0] if rank == 0 else sum(split)
@@ -48,9 +50,10 @@ def _worker(rank, world, port, out_dir, fused=False, splits=SPLITS, norm_kw=None
         records.append(dict(out=out.detach(), xgrad=xr.grad,
                             grads=[p.grad.clone() for p in model.parameters()]))
         opt.step()
-    torch.save(dict(records=records, state=model.module.state_dict()),
-               os.path.join(out_dir, f'rank{rank}.pt'))
-    dist.destroy_process_group()
+    phase('writing results')
+    torch.save(dict(records=records, state=model.module.state_dict(),
+                    window=model.module[1].window_state()), os.path.join(out_dir, f'rank{rank}.pt'))
+    end_distributed()
 
 
 def _free_port():
@@ -81,15 +84,19 @@ def _compare_with_one_process(ranks, model):
 @pytest.mark.integration
 @pytest.mark.parametrize('fused', [False, True], ids=['portable', 'fused-emulated'])
 def test_sync_cbn_two_processes_equals_one_process_on_the_whole_batch(tmp_path, fused):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), fused), nprocs=2, join=True)
+    spawn(_worker, args=(2, _free_port(), str(tmp_path), fused))
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
 
     model = _model(CrossIterationBatchNorm2d)
     _compare_with_one_process(ranks, model)
-    # every rank ends with the same window as the single process
+    # every rank ends with the same state and window as the single process
     for key, value in model[1].state_dict().items():
         torch.testing.assert_close(ranks[0]['state'][f'1.{key}'], value)
         torch.testing.assert_close(ranks[1]['state'][f'1.{key}'], value)
+    for key, value in model[1].window_state().items():
+        assert value.numel() > 0, key
+        torch.testing.assert_close(ranks[0]['window'][key], value)
+        torch.testing.assert_close(ranks[1]['window'][key], value)
 
 
 @pytest.mark.integration
@@ -99,8 +106,7 @@ def test_sync_cbn_two_processes_equals_one_process_on_the_whole_batch(tmp_path, 
 def test_sync_cbn_as_sync_bn_equals_batchnorm_on_the_whole_batch(tmp_path, fused, norm_kw):
     """Window 1 and burn-in: synchronized BN. Outputs, gradients and running statistics equal
     BatchNorm2d on the whole batch (uneven and empty per-process splits included)."""
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), fused, SPLITS, norm_kw), nprocs=2,
-             join=True)
+    spawn(_worker, args=(2, _free_port(), str(tmp_path), fused, SPLITS, norm_kw))
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)).double()
     model.load_state_dict({k: v for k, v in _model(CrossIterationBatchNorm2d).state_dict().items()
@@ -128,15 +134,16 @@ def test_sync_cbn_step_with_every_process_empty(tmp_path, fused):
     """A step where no process has an element: nothing divides by the zero count, the step is
     kept out of the window and the running statistics, training goes on."""
     splits = [(2, 2), (1, 1), (2, 1), (0, 0), (1, 2)]  # the empty step's slot is still held
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), fused, splits), nprocs=2, join=True)
+    spawn(_worker, args=(2, _free_port(), str(tmp_path), fused, splits))
     for r in range(2):
         saved = torch.load(tmp_path / f'rank{r}.pt', weights_only=True)
-        state = saved['state']
-        for key in ('1.cbn_mu', '1.cbn_nu', '1.cbn_wnu', '1.cbn_dnu', '1.cbn_dmu', '1.running_mean',
-                    '1.running_var'):
+        state, window = saved['state'], saved['window']
+        for key in ('cbn_mu', 'cbn_nu', 'cbn_wnu', 'cbn_dnu', 'cbn_dmu'):
+            assert torch.isfinite(window[key]).all(), key
+        for key in ('1.running_mean', '1.running_var'):
             assert torch.isfinite(state[key]).all(), key
         assert state['1.cbn_skipped'].item() == 1
-        assert state['1.cbn_valid'].sum().item() == 1
+        assert window['cbn_valid'].sum().item() == 1
         assert saved['records'][3]['out'].shape == (0, 6, 8, 8)
         for rec in saved['records']:
             assert torch.isfinite(rec['out']).all() and all(torch.isfinite(g).all() for g in rec['grads'])

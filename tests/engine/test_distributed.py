@@ -3,12 +3,12 @@ epochs converted for the actual world size, checkpoint, resume, evaluation."""
 import ast
 import os.path as osp
 import socket
-import subprocess
 import sys
 
 import pytest
 
 from tests.helpers import QUICKSTART, ROOT, digits_options, make_tiny_digits
+from tests.multiproc import run, run_split
 
 pytestmark = pytest.mark.integration
 
@@ -23,10 +23,9 @@ def _sh(args, path=None, extra_env=None):
     env = dict(PYTHON=sys.executable, PORT=_port(), OMP_NUM_THREADS='1',
                PATH=(path + ':' if path else '') + '/usr/bin:/bin', HOME=osp.expanduser('~'),
                **(extra_env or {}))
-    proc = subprocess.run(['bash'] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    return proc.stdout
+    rc, out = run(['bash'] + args, cwd=ROOT, env=env, what=' '.join(args[:1]))
+    assert rc == 0, out[-6000:]
+    return out
 
 
 def test_dist_train_resume_and_dist_test(tmp_path):
@@ -53,10 +52,10 @@ def test_dist_train_resume_and_dist_test(tmp_path):
     from cbn_mmdet.engine.checkpoint import needs_safe_loader
     assert f"Loads checkpoint by {'local_safe' if needs_safe_loader() else 'local'} backend" in out
     from cbn_mmdet.engine.checkpoint import load_local_checkpoint
-    state = load_local_checkpoint(osp.join(work, 'epoch_2.pth'))['state_dict']
-    # past the burn-in: the window holds compensated entries
-    assert state['neck.fpn_convs.0.bn.cbn_step'].item() == 8
-    assert state['neck.fpn_convs.0.bn.cbn_valid'].sum().item() == 3
+    ckpt = load_local_checkpoint(osp.join(work, 'epoch_2.pth'))
+    # past the burn-in: the window (saved beside the state_dict) holds compensated entries
+    assert ckpt['state_dict']['neck.fpn_convs.0.bn.cbn_step'].item() == 8
+    assert ckpt['cbn_window']['neck.fpn_convs.0.bn']['cbn_valid'].sum().item() == 3
 
     out = _sh(['tools/dist_test.sh', QUICKSTART, osp.join(work, 'epoch_2.pth'), '2',
                '--work-dir', str(tmp_path / 'test'), '--cfg-options'] + opts)
@@ -88,9 +87,8 @@ def test_dist_scripts_refuse_a_python_without_torch_in_one_line(script, tmp_path
     fake = tmp_path / 'python'
     fake.write_text('#!/bin/sh\necho "No module named torch" >&2\nexit 1\n')
     fake.chmod(0o755)
-    proc = subprocess.run(['bash', f'tools/{script}', QUICKSTART, 'x', '1'], cwd=ROOT,
-                          env=dict(PYTHON=str(fake), PATH='/usr/bin:/bin'),
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and proc.stdout == ''
-    lines = proc.stderr.strip().splitlines()
+    rc, out, err = run_split(['bash', f'tools/{script}', QUICKSTART, 'x', '1'], cwd=ROOT,
+                             env=dict(PYTHON=str(fake), PATH='/usr/bin:/bin'), deadline=60)
+    assert rc == 1 and out == ''
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and f'{fake} cannot import torch' in lines[0] and 'PYTHON=' in lines[0]

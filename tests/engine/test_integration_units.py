@@ -90,6 +90,59 @@ def test_burnin_until_the_first_lr_step_follows_the_schedule():
         CBNHook(burnin_epochs='first_lr_step').before_train(runner)
 
 
+def test_longest_module_prefix_sets_the_burnin():
+    """Nested prefixes: a layer under both '2' and '2.1' takes the burn-in of '2.1' (the more
+    specific), a sibling under '2' alone takes that of '2', the rest the global one, whatever
+    the order of the dict."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), CrossIterationBatchNorm2d(4),
+                          nn.Sequential(nn.Conv2d(4, 4, 1), CrossIterationBatchNorm2d(4),
+                                        CrossIterationBatchNorm2d(4)))
+    for by_module in ({'2': 2, '2.1': 3}, {'2.1': 3, '2': 2}):
+        CBNHook(burnin_epochs=1, burnin_epochs_by_module=by_module).before_train(
+            _FakeRunner(model, 10, 1))
+        assert [model[1].burnin, model[2][1].burnin, model[2][2].burnin] == [10, 30, 20]
+
+
+class _TwoBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3), CrossIterationBatchNorm2d(4, window=4, burnin=0))
+        self.b = nn.Sequential(nn.Conv2d(3, 4, 3), CrossIterationBatchNorm2d(4, window=4, burnin=0))
+
+    def forward(self, x, use_b):
+        out_b = self.b(x)
+        return self.a(x).square().mean() + (out_b.square().mean() if use_b else 0)
+
+
+def _three_iterations(driven):
+    """Three SGD iterations; branch b runs in each but misses the loss in the second (its
+    gradients are None then, so no parameter of b changes before the third)."""
+    torch.manual_seed(0)
+    model = _TwoBranches()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook, runner = CBNHook(), _FakeRunner(model, 3, 1, epochs=1)
+    if driven:
+        hook.before_train(runner)
+    for i, use_b in enumerate((True, False, True)):
+        if driven:
+            hook.before_train_iter(runner, i)
+        opt.zero_grad(set_to_none=True)
+        model(torch.randn(2, 3, 6, 6), use_b).backward()
+        opt.step()
+    return model.b[1]
+
+
+def test_runner_iterations_are_the_steps_of_every_layer():
+    """Under CBNHook each runner iteration begins a step of every CBN layer: a branch whose
+    output missed the loss in one iteration still counts three steps in three iterations and
+    pools one call stream; inferred from its calls alone, its second and third calls look like
+    two calls of one step (the case the hook exists for)."""
+    b = _three_iterations(driven=True)
+    assert b.cbn_step.item() == 3 and b.ring.streams() == 1 and b.cbn_valid.sum() == 3
+    inferred = _three_iterations(driven=False)
+    assert inferred.cbn_step.item() == 2 and inferred.ring.streams() == 2
+
+
 @pytest.mark.parametrize('bad', [-1, 'eight', True])
 def test_hook_rejects_bad_burnin(bad):
     with pytest.raises(ValueError, match='burnin_epochs'):

@@ -10,7 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import cbn_mmdet  # noqa: F401
 from cbn_mmdet.cbn import CrossIterationBatchNorm2d
 
-CBN = dict(type='CBN', window=3, requires_grad=True)
+CBN = dict(type='CBN', window=3, burnin=0, requires_grad=True)
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -49,7 +49,8 @@ def test_build_norm_layer_from_mmdet_scope():
 def test_resnet_blocks_keep_bn_names_and_load_bn_checkpoints(depth):
     from mmdet.models.backbones import ResNet
     bn_net = ResNet(depth, norm_cfg=dict(type='BN'), base_channels=16)
-    cbn_net = ResNet(depth, norm_cfg=dict(type='CBN', window=2), base_channels=16, norm_eval=False)
+    cbn_net = ResNet(depth, norm_cfg=dict(type='CBN', window=2, burnin=0), base_channels=16,
+                     norm_eval=False)
     assert len(_layers(cbn_net)) == sum(isinstance(m, _BatchNorm) for m in bn_net.modules())
     result = cbn_net.load_state_dict(bn_net.state_dict(), strict=True)  # ImageNet-style keys
     assert not result.missing_keys and not result.unexpected_keys
