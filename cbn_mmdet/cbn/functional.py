@@ -19,21 +19,54 @@ from . import compat
 from .conv_trace import ConvRecord
 from .kernels import memory_format, stats_dtype
 
-class exact_fp32:
-    """Inside: autocast off and float32 matmuls in full precision
-    (``set_float32_matmul_precision('highest')``; 'high' lets CUDA use TF32). Host-side flags:
-    no sync, restored on exit; nothing is changed when nothing needs changing (hot path)."""
+def _has_setting(obj, name: str) -> bool:
+    """``hasattr`` for torch's backend modules (torch < 2.9's ``torch.backends.cuda.matmul``
+    raises AssertionError, not AttributeError, for a name it does not know)."""
+    try:
+        getattr(obj, name)
+    except (AttributeError, AssertionError):
+        return False
+    return True
 
-    __slots__ = ('device_type', 'prec', 'autocast')
+
+def _matmul_backend(device_type: str):
+    """The per-backend matmul precision setting for ``device_type`` (torch >= 2.9:
+    ``torch.backends.cuda.matmul.fp32_precision``, mkldnn's on the CPU), or None on torches that
+    only have the process-wide ``set_float32_matmul_precision``. Reading the process-wide one
+    after a per-backend one was set raises on those torches, so the two are never mixed."""
+    backend = {'cuda': getattr(torch.backends.cuda, 'matmul', None),
+               'cpu': getattr(getattr(torch.backends, 'mkldnn', None), 'matmul', None)}.get(device_type)
+    cuda_matmul = getattr(torch.backends.cuda, 'matmul', None)
+    if not _has_setting(cuda_matmul, 'fp32_precision'):
+        return None  # the legacy API only
+    return backend if _has_setting(backend, 'fp32_precision') else False
+
+
+class exact_fp32:
+    """Inside: autocast off and float32 matmuls in full precision (no TF32 / bf16 rounding):
+    the device's per-backend ``fp32_precision = 'ieee'`` where torch has that API, else
+    ``set_float32_matmul_precision('highest')``. Host-side flags, restored on exit, no sync;
+    nothing is changed when nothing needs changing (hot path). The flags are process-wide in
+    torch: other threads running matmuls meanwhile see them too."""
+
+    __slots__ = ('device_type', 'backend', 'prec', 'autocast')
 
     def __init__(self, device_type: str):
         self.device_type = device_type
 
     def __enter__(self):
-        self.prec = torch.get_float32_matmul_precision()
+        self.backend = _matmul_backend(self.device_type)
         self.autocast = None
-        if self.prec != 'highest':
-            torch.set_float32_matmul_precision('highest')
+        if self.backend is None:
+            self.prec = torch.get_float32_matmul_precision()
+            if self.prec != 'highest':
+                torch.set_float32_matmul_precision('highest')
+        elif self.backend is False:
+            self.prec = 'highest'  # a device with no matmul precision setting
+        else:
+            self.prec = self.backend.fp32_precision
+            if self.prec != 'ieee':
+                self.backend.fp32_precision = 'ieee'
         if compat.autocast_enabled(self.device_type):
             self.autocast = torch.autocast(self.device_type, enabled=False)
             self.autocast.__enter__()
@@ -41,8 +74,11 @@ class exact_fp32:
     def __exit__(self, *exc):
         if self.autocast is not None:
             self.autocast.__exit__(*exc)
-        if self.prec != 'highest':
-            torch.set_float32_matmul_precision(self.prec)
+        if self.backend is None:
+            if self.prec != 'highest':
+                torch.set_float32_matmul_precision(self.prec)
+        elif self.backend is not False and self.prec != 'ieee':
+            self.backend.fp32_precision = self.prec
 
 
 _TAPS: dict = {}

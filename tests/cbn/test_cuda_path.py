@@ -194,6 +194,17 @@ def test_autocast_compensation_term_keeps_float32_precision(dtype):
     assert err < 1e-3, err
 
 
+def _per_backend_precision() -> bool:
+    try:  # torch < 2.9: AssertionError ("Unknown attribute") or AttributeError
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision
+    except (AttributeError, AssertionError):
+        return False
+    return True
+
+
+PER_BACKEND_PRECISION = _per_backend_precision()
+
+
 class _TF32(TorchDispatchMode):
     """Emulates TF32 matmuls: while ``torch.get_float32_matmul_precision()`` is not 'highest',
     float32 operands of mm/bmm/addmm/baddbmm are rounded to 10 mantissa bits (what 'high' does
@@ -212,8 +223,17 @@ class _TF32(TorchDispatchMode):
         bits = t.contiguous().view(torch.int32)
         return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).view(t.shape)
 
+    @staticmethod
+    def in_effect() -> bool:
+        """TF32 requested for CPU float32 matmuls: mkldnn's per-backend setting where torch has
+        it (reading the process-wide one would raise after a per-backend one was set), else
+        the process-wide ``set_float32_matmul_precision``."""
+        if PER_BACKEND_PRECISION:
+            return torch.backends.mkldnn.matmul.fp32_precision == 'tf32'
+        return torch.get_float32_matmul_precision() != 'highest'
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.OPS and torch.get_float32_matmul_precision() != 'highest':
+        if func in self.OPS and self.in_effect():
             self.rounded += any(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args)
             args = tuple(self._round(a) for a in args)
         return func(*args, **(kwargs or {}))
@@ -253,6 +273,45 @@ def test_tf32_matmul_precision_cannot_touch_the_statistics(kernel_set):
     finally:
         torch.set_float32_matmul_precision(prec)
     assert mode.rounded == 1
+
+
+@pytest.mark.skipif(not PER_BACKEND_PRECISION, reason=f'torch {torch.__version__} has no '
+                    'per-backend fp32_precision API (torch.backends.cuda.matmul.fp32_precision)')
+def test_tf32_set_with_the_per_backend_api(kernel_set):
+    """TF32 requested the way newer torch recommends (``torch.backends.<backend>.matmul.
+    fp32_precision = 'tf32'``, never the process-wide API): training steps run (reading the
+    process-wide setting would raise), equal the full-precision run, round no CBN matmul, and
+    leave the user's settings as they were after every call."""
+    conv, layer = _conv_layer(c_in=8, c=16, window=4)
+    xs = [torch.randn(2, 8, 12, 12) * 2 + 1 for _ in range(6)]
+    ref_conv, ref_layer = copy.deepcopy(conv), copy.deepcopy(layer)
+    ref = _train(ref_conv, ref_layer, xs, lr=0.05)
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    saved = [b.fp32_precision for b in backends]
+    mode, outs = _TF32(), []
+    opt = torch.optim.SGD([*conv.parameters(), *layer.parameters()], lr=0.05)
+    try:
+        for b in backends:
+            b.fp32_precision = 'tf32'
+        with pytest.raises(RuntimeError, match='mix of the legacy and new APIs'):
+            torch.get_float32_matmul_precision()  # what the layer must not read
+        for x in xs:
+            y = conv(x)
+            with mode:
+                out = layer(y)
+            assert [b.fp32_precision for b in backends] == ['tf32', 'tf32']
+            opt.zero_grad()
+            out.square().mean().backward()
+            opt.step()
+            outs.append(out.detach().double())
+        with mode:
+            torch.mm(torch.ones(2, 2), torch.ones(2, 2))
+    finally:
+        for b, v in zip(backends, saved):
+            b.fp32_precision = v
+    assert mode.rounded == 1, 'only the bare mm is rounded'
+    for a, b in zip(outs, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_non_finite_derivatives_never_enter_the_window(monkeypatch):
