@@ -2,17 +2,19 @@
 the training state it must leave alone."""
 import copy
 import os
+import random
 import socket
-import time
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from cbn_mmdet.cbn import CrossIterationBatchNorm2d
+from cbn_mmdet.engine import precise_stats
 from cbn_mmdet.engine.precise_stats import recompute_precise_stats, trained_bn_layers
+from tests.multiproc import end_distributed, phase, spawn
 
 F64 = torch.float64
 SIZES = [3, 1, 5, 2, 4]  # uneven batches
@@ -133,19 +135,164 @@ def test_training_continues_exactly_as_without_the_pass():
             assert torch.equal(v, b.cbn.state_dict()[k]), k
 
 
+def _conv_bn_conv_bn(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4),
+                         nn.Conv2d(4, 5, 3), nn.BatchNorm2d(5)).double()
+
+
+def test_layers_without_running_statistics_are_not_selected():
+    """A BN built with ``track_running_stats=False`` has no running statistics to set: it is
+    neither selected nor counted, its forward is not replaced and its state is untouched."""
+    model = _conv_bn_conv_bn(5)
+    model[3] = nn.BatchNorm2d(5, track_running_stats=False).double()
+    untracked = copy.deepcopy(model[3].state_dict())
+    assert [n for n, _ in trained_bn_layers(model)] == ['1']
+    info = recompute_precise_stats(model, _batches(_images(9, 4), [4, 5]), _forward, num_images=9)
+    assert info['layers'] == 1 and info['images'] == 9
+    assert model[3].running_mean is None and model[3].running_var is None
+    assert 'forward' not in vars(model[3])  # the class's forward again (batch statistics)
+    assert model[3].state_dict().keys() == untracked.keys()
+    for k, v in model[3].state_dict().items():
+        assert torch.equal(v, untracked[k]), k
+
+
+def _noisy_forward(model, batch):
+    """A training forward that draws from every RNG a pipeline and model may use: a python
+    ``random`` flip, a numpy ``random`` scale and torch's CPU generator (dropout)."""
+    if random.random() < 0.5:
+        batch = batch.flip(3)
+    batch = batch * float(np.random.uniform(0.8, 1.2))
+    model(nn.functional.dropout(batch, 0.2, training=True))
+
+
+def _draws():
+    return random.random(), np.random.rand(3).tolist(), torch.rand(3)
+
+
+def _seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def test_rng_states_are_restored_after_a_pass_that_draws_from_them():
+    """The pass draws from python's, numpy's and torch's CPU RNGs; afterwards each one's next
+    draws equal those of a run without the pass (training's sampling/augmentation unchanged)."""
+    model = _conv_bn_conv_bn(8)
+    batches = _batches(_images(9, 3), [2, 3, 4])
+    _seed_all(11)
+    expected = _draws()
+    _seed_all(11)
+    recompute_precise_stats(model, batches, _noisy_forward, num_images=9)
+    got = _draws()
+    assert got[0] == expected[0], 'python random'
+    assert got[1] == expected[1], 'numpy random'
+    assert torch.equal(got[2], expected[2]), 'torch CPU generator'
+    _seed_all(11)  # the pass did draw: without the restore the next draws would differ
+    _noisy_forward(model, batches[0])
+    assert _draws()[0] != expected[0]
+
+
+def test_each_layer_normalizes_with_its_batch_statistics_during_the_pass():
+    """conv-BN-conv-BN whose running statistics are far from the data's: both estimates equal
+    an independent train-mode run (each BN's inputs gathered by a forward pre-hook), so the
+    second BN's depends on the first normalizing with batch, not running, statistics."""
+    model = _conv_bn_conv_bn(6)
+    with torch.no_grad():
+        for bn in (model[1], model[3]):
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.uniform_(-1.0, 1.0)
+            bn.running_mean.fill_(3.0)
+            bn.running_var.fill_(0.05)
+    reference = copy.deepcopy(model).train()
+    inputs = {1: [], 3: []}
+    for i, seen in inputs.items():
+        reference[i].register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0]))
+    batches = _batches(_images(9, 2), [4, 5])
+    with torch.no_grad():
+        for batch in batches:
+            reference(batch)  # plain BatchNorm2d in training: batch statistics
+    model.eval()
+    info = recompute_precise_stats(model, batches, _forward, num_images=9)
+    assert info['layers'] == 2
+    for i, seen in inputs.items():
+        y = torch.cat(seen)
+        mean, var = y.mean((0, 2, 3)), y.transpose(0, 1).reshape(y.shape[1], -1).var(1)
+        for what, want in (('mean', mean), ('var', var)):
+            torch.testing.assert_close(getattr(model[i], f'running_{what}'), want, rtol=1e-10,
+                                       atol=1e-12, msg=f'BN {i} {what}')
+
+
+def test_hook_sets_precise_statistics_after_the_last_epoch_in_a_runner(tmp_path, monkeypatch):
+    """A real mmengine Runner, 2 epochs, no validation (so only ``after_train_epoch`` can run the
+    hook): it runs once, after the last epoch, and that epoch's checkpoint holds the population
+    statistics of the final weights rather than the running average."""
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+
+    from cbn_mmdet.engine.checkpoint import load_local_checkpoint
+
+    class Data(torch.utils.data.Dataset):
+        images = _images(8, 21)
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            return dict(inputs=self.images[i])
+
+    class Model(BaseModel):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(4)
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.double()
+
+        def forward(self, inputs, data_samples=None, mode='tensor'):
+            y = self.bn(self.conv(inputs))
+            return dict(loss=(y - 1).square().mean()) if mode == 'loss' else y
+
+    calls, recompute = [], precise_stats.precise_stats_for_runner
+
+    def counted(runner, num_images):
+        calls.append((runner.epoch, runner.iter))
+        return recompute(runner, num_images)
+    monkeypatch.setattr(precise_stats, 'precise_stats_for_runner', counted)
+    runner = Runner(
+        model=Model(), work_dir=str(tmp_path),
+        train_dataloader=dict(dataset=Data(), batch_size=2, num_workers=0,
+                              sampler=dict(type='DefaultSampler', shuffle=False),
+                              collate_fn=dict(type='default_collate')),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
+        train_cfg=dict(by_epoch=True, max_epochs=2),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
+        custom_hooks=[dict(type='PreciseStatsHook', num_images=8)])
+    runner.train()
+    state = load_local_checkpoint(str(tmp_path / 'epoch_2.pth'))['state_dict']
+    with torch.no_grad():
+        y = nn.functional.conv2d(Data.images, state['conv.weight'], state['conv.bias'])
+    mean, var = y.mean((0, 2, 3)), y.transpose(0, 1).reshape(4, -1).var(1)
+    torch.testing.assert_close(state['bn.running_mean'], mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(state['bn.running_var'], var, rtol=1e-10, atol=1e-12)
+    assert calls == [(1, 8)]  # after the second (last) epoch's 8th iteration only
+
+
 def _worker(rank, port, out):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    phase('init_process_group')
     dist.init_process_group('gloo', rank=rank, world_size=2)
     torch.set_num_threads(1)
+    phase('precise statistics')
     model = _Branches()
     images = _images(sum(SIZES), 7)
     mine = images[:6] if rank == 0 else images[6:]  # 6 and 9 images, uneven batches
     sizes = [4, 2] if rank == 0 else [1, 5, 3]
     recompute_precise_stats(model, _batches(mine, sizes), _forward, num_images=100)
+    phase('writing results')
     torch.save({k: v for k, v in model.state_dict().items() if 'running' in k},
                os.path.join(out, f'rank{rank}.pt'))
-    dist.barrier()  # no rank tears the group down while the other still uses it
-    dist.destroy_process_group()
+    end_distributed()
 
 
 @pytest.mark.integration
@@ -153,13 +300,7 @@ def test_two_processes_all_reduce_to_the_big_batch(tmp_path):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    ctx = mp.start_processes(_worker, args=(port, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=5):  # a hung process group fails the test, never hangs CI
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail('the 2-process precise-statistics run did not finish in 300 s')
+    spawn(_worker, args=(port, str(tmp_path)))
     model = _Branches()
     expected = _expected(model, _images(sum(SIZES), 7))
     for r in range(2):
