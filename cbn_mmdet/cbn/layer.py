@@ -113,6 +113,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._tracked = int(self.num_batches_tracked) if self.track_running_stats else 0
         self.ring = RingWindow(self)
         self._warned = False
+        self._no_graph_step = -1  # last step whose windowed call saw no autograd graph
+        self._warned_reentrant = False
         self._work: dict = {}                      # scratch tensors, see _scratch
 
     @property
@@ -247,6 +249,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                           'stored statistics are averaged without weight compensation.')
         kern = kernels.select(y)
         w = self._compensation_weight(rec) if stream is not None else None
+        if why == 'no-graph' and stream is not None:
+            self._no_graph_step = self._step
         with torch.no_grad(), exact_fp32(y.device.type):
             moments, derivs, m = self._moments(y, rec, w, kern)
             proj = None
@@ -277,6 +281,17 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self.steps.record((mean, invstd, var, counts))
         return CountNormalize.apply(y, self.weight, self.bias, mean, invstd, var, self.eps, counts,
                                     kern, self._grad_reducer(), self.steps.marker())
+
+    def _warn_reentrant(self):
+        """A recomputation of a call that had no autograd graph: reentrant checkpointing."""
+        if self._warned_reentrant:
+            return
+        self._warned_reentrant = True
+        warnings.warn(f'{self._name()} runs under reentrant activation checkpointing '
+                      '(torch.utils.checkpoint with use_reentrant=True, as mmcv/mmdet with_cp=True): '
+                      'its first forward has no autograd graph, so stored statistics are averaged '
+                      'without weight compensation. Leave the CBN blocks out of checkpointing to '
+                      'keep the compensation.')
 
     def _record_probe(self, moments, past, valid, stats):
         """For statistics studies: the mean/var that BN (this batch), plain averaging of the
@@ -310,6 +325,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _recompute(self, y):
         """Rerun of this step's call by activation checkpointing: same statistics, no state change."""
         saved = self.steps.replayed()
+        if self._no_graph_step == self._step and self.compensate:
+            self._warn_reentrant()
         if saved is None:  # a BN step: batch statistics only
             out = F.batch_norm(y, None, None, self.weight, self.bias, True, 0.0, self.eps)
             self.steps.watch(out)

@@ -138,6 +138,26 @@ def checkpointed_equals_plain_averaging(reentrant):
     return ckpt
 
 
+@pytest.mark.parametrize('reentrant', [True, False])
+def test_checkpointing_without_compensation_warns_once_per_layer(reentrant):
+    """Neither checkpointing mode can compensate (no graph / no saved conv input): each CBN
+    layer says so once, naming the mode; a checkpointed plain-averaging net stays silent."""
+    for compensate in (True, False):
+        net = _net(3, compensate=compensate)
+        for m in net:
+            if isinstance(m, CrossIterationBatchNorm2d):
+                m.burnin = 0
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter('always')
+            for _ in range(4):
+                x = torch.randn(2, 3, 6, 6, dtype=F64, requires_grad=True)
+                cp.checkpoint(net, x, use_reentrant=reentrant).square().sum().backward()
+        what = 'reentrant activation checkpointing' if reentrant else 'saved-tensor hooks'
+        msgs = [str(w.message) for w in rec if what in str(w.message)]
+        assert len(msgs) == (2 if compensate else 0), msgs
+        assert len({m.split(' runs under')[0] for m in msgs}) == len(msgs)  # one per layer
+
+
 def test_too_many_calls_without_backward_warn_and_start_new_steps():
     """Training-mode calls with gradients on but no backward (an evaluation loop left in train
     mode): the first 16 are one step's streams; then one warning, and every further call is a
