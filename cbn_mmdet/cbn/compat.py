@@ -16,6 +16,8 @@ __all__ = ['autocast_enabled', 'saved_tensors_hooks_active', 'in_backward_recomp
 
 # ---------------------------------------------------------------- autocast
 def _autocast_enabled_by_device(device_type: str) -> bool:  # torch >= 2.4
+    if device_type == 'meta':  # shape-only tensors (tests): no autocast for them
+        return False
     return torch.is_autocast_enabled(device_type)
 
 

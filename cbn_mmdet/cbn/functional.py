@@ -10,6 +10,7 @@ TF32 say: the small products run under :func:`exact_fp32` (autocast off; TF32 wo
 their operands to 10 bits, and the compensation is a small difference of two of them).
 """
 import math
+from collections import OrderedDict
 from typing import Optional, Tuple
 
 import torch
@@ -81,8 +82,26 @@ class exact_fp32:
             self.backend.fp32_precision = self.prec
 
 
-_TAPS: dict = {}
 _TAPS_MAX = 256  # shapes kept; a detector sees a few per layer (image sizes x FPN levels)
+
+
+class _LRU(OrderedDict):
+    """Tables by shape key, the least recently used dropped beyond ``_TAPS_MAX`` (a mask
+    head's ``m`` changes almost every step; the FPN's few shapes stay)."""
+
+    def get(self, key, default=None):
+        value = super().get(key, default)
+        if value is not default:
+            self.move_to_end(key)
+        return value
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if len(self) > _TAPS_MAX:
+            self.popitem(last=False)
+
+
+_TAPS = _LRU()
 _KRON_MAX = 1024  # maps up to this many positions use one combined tap matrix
 
 
@@ -90,16 +109,17 @@ def _tap_indicator(size_in: int, size_out: int, k: int, s: int, p: int, d: int, 
                    device, dtype) -> Tensor:
     """(k, size_in) matrix: ``scale`` where input row r is tap a of some output row.
 
-    Depends only on shapes, so it is built once per shape and device and kept.
+    Depends only on shapes, so it is built once per shape and device and kept; built on
+    ``device`` itself (no host-to-device copy, which would make the host wait for the device).
     """
     key = (size_in, size_out, k, s, p, d, scale, device, dtype)
     taps = _TAPS.get(key)
     if taps is None:
-        if len(_TAPS) >= _TAPS_MAX:
-            _TAPS.clear()
-        rows = (torch.arange(size_out) * s)[None, :] + (torch.arange(k) * d - p)[:, None]
-        hit = (rows[:, :, None] == torch.arange(size_in)[None, None, :]).any(1)
-        taps = _TAPS[key] = (hit.to(torch.float64) * scale).to(device=device, dtype=dtype)
+        def ar(n):
+            return torch.arange(n, device=device)
+        rows = (ar(size_out) * s)[None, :] + (ar(k) * d - p)[:, None]
+        hit = (rows[:, :, None] == ar(size_in)[None, None, :]).any(1)
+        taps = _TAPS[key] = hit.to(dtype) * scale
     return taps
 
 
@@ -119,9 +139,9 @@ def mean_patch(x: Tensor, kernel: Tuple[int, int], stride, padding, dilation,
                tuple(dilation), scale, x.device, dt)
         taps = _TAPS.get(key)
         if taps is None:
-            r = _tap_indicator(h, out_hw[0], kernel[0], stride[0], padding[0], dilation[0], 1.0, 'cpu', dt)
-            c = _tap_indicator(w, out_hw[1], kernel[1], stride[1], padding[1], dilation[1], scale, 'cpu', dt)
-            taps = _TAPS[key] = torch.kron(r, c).t().contiguous().to(x.device)   # (H*W, kh*kw)
+            r = _tap_indicator(h, out_hw[0], kernel[0], stride[0], padding[0], dilation[0], 1.0, x.device, dt)
+            c = _tap_indicator(w, out_hw[1], kernel[1], stride[1], padding[1], dilation[1], scale, x.device, dt)
+            taps = _TAPS[key] = torch.kron(r, c).t().contiguous()              # (H*W, kh*kw)
         if out is not None:
             out = out.view(xs.shape[0], -1)
         with exact_fp32(x.device.type):
@@ -219,23 +239,21 @@ def _zero(t: Tensor) -> Tensor:
     return z
 
 
-_FACTORS: dict = {}
+_FACTORS = _LRU()
 
 
 def window_factors(m: int, slots: int, dtype, device) -> Tuple[Tensor, Tensor]:
     """Per number ``j`` of valid stored slots (``n = j + 1`` pooled iterations): a float row
     ``[1/n, 1, n m / (n m - 1), n m]`` and the int32 count ``n m``. Depends only on shapes, so
-    it is built once and indexed with the device-side ``j`` (no host sync)."""
+    it is built once (on ``device``: no host-to-device copy) and indexed with the device-side
+    ``j`` (no host sync)."""
     key = (m, slots, dtype, device)
     tabs = _FACTORS.get(key)
     if tabs is None:
-        if len(_FACTORS) >= _TAPS_MAX:
-            _FACTORS.clear()
-        n = torch.arange(1, slots + 2, dtype=torch.float64)
+        n = torch.arange(1, slots + 2, dtype=torch.float64, device=device)
         c = n * m
         rows = torch.stack((1 / n, torch.ones_like(n), c / (c - 1).clamp_min(1), c), 1)
-        tabs = _FACTORS[key] = (rows.to(device=device, dtype=dtype),
-                                c.to(device=device, dtype=torch.int32))
+        tabs = _FACTORS[key] = (rows.to(dtype), c.to(torch.int32))
     return tabs
 
 

@@ -1,7 +1,9 @@
 """The closed-form pieces against autograd and unfold."""
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cbn_mmdet.cbn.conv_trace import find_producing_conv
 from cbn_mmdet.cbn.functional import CountNormalize, mean_patch, project, weight_derivatives
@@ -82,3 +84,52 @@ def test_count_normalize_backward_is_bn_backward_over_count(affine):
     torch.testing.assert_close(out, ref)
     for a, e in zip(grads, ref_grads):
         torch.testing.assert_close(a, e)
+
+
+class _CpuSpy(TorchDispatchMode):
+    """Records every ATen op that reads or makes a CPU tensor (the model lives on 'meta')."""
+
+    def __init__(self):
+        super().__init__()
+        self.cpu_ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tensors = [a for a in list(args) + list(kwargs.values()) + list(
+            out if isinstance(out, (list, tuple)) else [out]) if isinstance(a, torch.Tensor)]
+        if any(t.device.type == 'cpu' for t in tensors):
+            self.cpu_ops.append(str(func))
+        return out
+
+
+def test_training_steps_build_nothing_on_the_host_for_the_device():
+    """Windowed, compensated training steps with the element count changing every step (a mask
+    head's positive RoIs, padded batch shapes) on the 'meta' device: no op reads or makes a CPU
+    tensor, so on an accelerator no table is built on the host and copied (a host wait) and
+    nothing is read back (a meta tensor has no values: any host sync would raise)."""
+    from cbn_mmdet.cbn import CrossIterationBatchNorm2d
+    conv = nn.Conv2d(3, 8, 3, padding=1).to('meta')
+    cbn = CrossIterationBatchNorm2d(8, window=3, burnin=1).to('meta')
+    spy = _CpuSpy()
+    for step, (n, h, w) in enumerate([(2, 6, 6), (5, 6, 6), (3, 10, 6), (7, 14, 14), (4, 40, 36)]):
+        x = torch.randn(n, 3, h, w, device='meta')
+        with spy:
+            out = cbn(conv(x))
+            out.sum().backward()
+        assert out.device.type == 'meta'
+    assert cbn._step == 5 and cbn.cbn_deriv.dim() == 4  # windowed and compensated
+    assert spy.cpu_ops == []
+
+
+def test_shape_tables_keep_the_recently_used_ones():
+    """The tables are an LRU by shape: an entry in use survives any number of new shapes."""
+    from cbn_mmdet.cbn import functional as fn
+    fn.window_factors(17, 3, torch.float32, torch.device('cpu'))
+    first = fn._FACTORS.get((17, 3, torch.float32, torch.device('cpu')))
+    for m in range(1000, 1000 + 2 * fn._TAPS_MAX):
+        fn.window_factors(m, 3, torch.float32, torch.device('cpu'))
+        fn.window_factors(17, 3, torch.float32, torch.device('cpu'))  # in use every step
+        assert len(fn._FACTORS) <= fn._TAPS_MAX
+    assert fn._FACTORS.get((17, 3, torch.float32, torch.device('cpu'))) is first
+    assert (1000, 3, torch.float32, torch.device('cpu')) not in fn._FACTORS
