@@ -29,13 +29,10 @@ _warned_no_burnin = False
 def _warn_no_burnin(layer) -> None:
     """Once per process: layers start their window with no burn-in (none given, no CBNHook)."""
     global _warned_no_burnin
-    layer.burnin_given = True  # checked once per layer
-    if _warned_no_burnin:
-        return
     _warned_no_burnin = True
     n = sum(1 for m in _LAYERS if m.window > 1 and not (m.burnin_given or m.configured_by_hook))
     warnings.warn(
-        f'{n + 1} CBN layers (first: {layer._name()}) start their window at training step '
+        f'{n} CBN layers (first: {layer._name()}) start their window at training step '
         f'{layer._step} with no burn-in: no `burnin` was given and no CBNHook is in the run. The '
         'paper trains as plain BN first (window started at full learning rate: box mAP 0.271 -> '
         "0.112 in docs/studies.md, study 5). Add custom_hooks=[dict(type='CBNHook', "
@@ -80,8 +77,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.window = check_int('window', window, 1)
         self._burnin = 0 if burnin is None else check_int('burnin', burnin, 0)
         self.burnin_given = burnin is not None
-        self.configured_by_hook = False  # CBNHook set the burn-in and drives the steps
-        self._driven = False
+        self.configured_by_hook = False  # CBNHook sets the burn-in and drives the steps
         self.compensate = check_bool('compensate', compensate)
         init_window(self, device, dtype or torch.get_default_dtype())
         self.register_buffer('cbn_step', torch.zeros((), dtype=torch.long, device=device))
@@ -109,7 +105,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     # ------------------------------------------------------------------ host-side bookkeeping
     def _reset_host_state(self):
-        self.steps = StepTracker(int(self.cbn_step), self._name, self._driven)  # mirrors cbn_step
+        self.steps = StepTracker(int(self.cbn_step), self._name, self.configured_by_hook)  # mirrors cbn_step
         self._tracked = int(self.num_batches_tracked) if self.track_running_stats else 0
         self.ring = RingWindow(self)
         self._warned = False
@@ -135,9 +131,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._reset_host_state()
 
     def drive_steps_by_runner(self):
-        """Training steps begin at :meth:`StepTracker.new_iteration` (``CBNHook`` calls it per
-        runner iteration) instead of being inferred from the layer's calls."""
-        self._driven = True
+        """Configured by ``CBNHook``: training steps begin at :meth:`StepTracker.new_iteration`
+        (the hook calls it per runner iteration) instead of being inferred from the layer's
+        calls, and the burn-in is the hook's (no missing-burn-in warning)."""
+        self.configured_by_hook = True
         self.steps.driven = True
 
     @property
@@ -178,7 +175,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         rec, why = find_producing_conv(y)
         stream = self._begin_call(y, rec.weight if rec is not None else None)
         use_window = self.window > 1 and self._step - 1 >= self._burnin
-        if use_window and not (self.burnin_given or self.configured_by_hook):
+        if use_window and not (_warned_no_burnin or self.burnin_given or self.configured_by_hook):
             _warn_no_burnin(self)
         if not use_window and not collective:
             self.steps.record(None)

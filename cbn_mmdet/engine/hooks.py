@@ -136,7 +136,6 @@ class CBNHook(Hook):
         self._driven = layers
         for m in layers:
             m.drive_steps_by_runner()
-            m.configured_by_hook = True
         if not layers:
             runner.logger.warning('CBNHook: the model has no CBN layer')
             return
