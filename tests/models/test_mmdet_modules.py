@@ -45,6 +45,24 @@ def test_build_norm_layer_from_mmdet_scope():
             build_norm_layer(dict(type=typ, windw=4), 16)
 
 
+@pytest.mark.parametrize('name,cls', [('CBN', 'CrossIterationBatchNorm2d'),
+                                      ('CrossIterationBatchNorm2d', 'CrossIterationBatchNorm2d'),
+                                      ('SyncCBN', 'SyncCrossIterationBatchNorm2d'),
+                                      ('SyncCrossIterationBatchNorm2d',
+                                       'SyncCrossIterationBatchNorm2d')])
+def test_registered_under_short_and_class_names(name, cls):
+    """Both layers are in MMEngine's MODELS under their short and class names (a config may
+    name either), and build from it, through MODELS.build and through mmcv's build_norm_layer."""
+    from mmcv.cnn import build_norm_layer
+    from mmengine.registry import MODELS
+    expected = getattr(cbn_mmdet, cls)
+    assert MODELS.get(name) is expected
+    layer = MODELS.build(dict(type=name, num_features=8, window=2))
+    assert type(layer) is expected and layer.window == 2
+    _, layer = build_norm_layer(dict(type=name, window=3), 8)
+    assert type(layer) is expected and layer.window == 3
+
+
 @pytest.mark.parametrize('depth', [18, 50])
 def test_resnet_blocks_keep_bn_names_and_load_bn_checkpoints(depth):
     from mmdet.models.backbones import ResNet
