@@ -4,6 +4,7 @@ import weakref
 from typing import Optional
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -160,13 +161,27 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return self.steps.stream
 
     # ------------------------------------------------------------------ forward
+    def forward(self, y: Tensor) -> Tensor:
+        if isinstance(y, fx.Proxy):
+            # torch.fx symbolic tracing: one call of this module, as fx records nn.BatchNorm2d
+            # (a leaf), so a GraphModule runs the layer in either mode and conv-BN passes
+            # (mmengine's efficient_conv_bn_eval) find it.
+            return y.tracer.create_proxy('call_module', y.tracer.path_of_module(self), (y,), {})
+        if not self.training:
+            return self._eval_forward(y)
+        return self._train_forward(y)
+
+    def _eval_forward(self, y: Tensor) -> Tensor:
+        """Eval mode: running statistics, exactly BatchNorm2d (one ``F.batch_norm``). Kept out of
+        the compiler-disabled training forward so that torch.jit.trace, torch.export, the ONNX
+        exporters and torch.compile trace it like BatchNorm2d."""
+        return super().forward(y)
+
     # Host-side bookkeeping and autograd-graph inspection cannot be traced: torch.compile runs
     # the layer eagerly (one graph break per call) instead of recompiling it per layer shape.
     @torch.compiler.disable
-    def forward(self, y: Tensor) -> Tensor:
+    def _train_forward(self, y: Tensor) -> Tensor:
         self._check_input_dim(y)
-        if not self.training:
-            return super().forward(y)  # running statistics: exactly BatchNorm2d
         collective = self._collective()
         if y.numel() == 0 and not collective:
             return self._empty(y)

@@ -6,6 +6,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from ..cbn import CrossIterationBatchNorm2d, name_cbn_layers
+from .checkpoint import install_checkpoint_loader
 
 
 def burnin_iterations(burnin_epochs: float, iters_per_epoch: int) -> int:
@@ -54,6 +55,10 @@ class CBNHook(Hook):
             False: checkpoints hold what a BN model's do plus two counters per layer, and a
             resumed run refills each window in its first ``window - 1`` iterations.
 
+    Building the hook lets mmengine's loader allow mmengine's checkpoint types (message hub,
+    numpy) under torch's safe loading for every checkpoint of the process, so that ``--resume``
+    and ``load_from`` work on torch >= 2.6 (see :mod:`cbn_mmdet.engine.checkpoint`).
+
     Also: after ``load_from`` (a new run from trained weights) every CBN layer starts with an
     empty window at step 0 and this run's burn-in; after ``--resume`` everything continues.
     The runner's iterations are the layers' training steps (no inference from the autograd
@@ -83,6 +88,9 @@ class CBNHook(Hook):
         self.burnin_epochs = burnin_epochs
         self.by_module = dict(burnin_epochs_by_module or {})
         self._driven = []
+        # the runner that builds this hook loads its checkpoints (--resume, load_from) after
+        # building its hooks: mmengine's loader then allows mmengine's checkpoint types
+        install_checkpoint_loader(any_checkpoint=True)
 
     def _epochs_for(self, name: str):
         hits = [p for p in self.by_module if name == p or name.startswith(p + '.')]

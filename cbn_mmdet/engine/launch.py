@@ -18,7 +18,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 def load_config(args) -> Config:
     """Read the config, apply --cfg-options, --launcher and the work dir (CLI > file > name)."""
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    import cbn_mmdet  # noqa: F401  registers CBN, its hook and the checkpoint loader
+    import cbn_mmdet  # noqa: F401  registers CBN and its hooks
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options:
@@ -73,8 +73,13 @@ def quiet_broadcast_buffers_deprecation() -> None:
 
 
 def build_runner(cfg):
+    """The runner of our tools: mmengine's, with our checkpoint loader installed (mmengine's
+    checkpoint types allowed under torch's safe loading, see :mod:`cbn_mmdet.engine.checkpoint`)."""
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
+
+    from .checkpoint import install_checkpoint_loader
+    install_checkpoint_loader(any_checkpoint=True)
     if cfg.launcher != 'none':
         quiet_broadcast_buffers_deprecation()
     _init_cpu_distributed(cfg)
