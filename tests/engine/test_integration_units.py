@@ -150,14 +150,22 @@ def test_hook_rejects_bad_burnin(bad):
 
 
 def test_sync_bn_conversion_refuses_cbn_models():
+    """The runner's ``sync_bn`` (Runner.wrap_model, FlexibleRunner's DDPStrategy) refuses a
+    model with CBN layers; mmengine's public function is left as it is (a direct call converts
+    what it is given, as torch's does); models without CBN convert as before."""
+    import mmengine._strategy.distributed as strategy_mod
+    import mmengine.model.utils
     import mmengine.runner.runner as runner_mod
     from mmengine.model import convert_sync_batchnorm
     model = nn.Sequential(nn.Conv2d(3, 4, 3), CrossIterationBatchNorm2d(4))
-    for convert in (runner_mod.convert_sync_batchnorm, convert_sync_batchnorm):
+    for convert in (runner_mod.convert_sync_batchnorm, strategy_mod.convert_sync_batchnorm):
         with pytest.raises(CBNSyncBNError, match="SyncCBN"):
             convert(model)
-    plain = convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
-    assert isinstance(plain[1], nn.SyncBatchNorm)  # models without CBN convert as before
+        plain = convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+        assert type(plain[1]) is nn.SyncBatchNorm  # models without CBN convert as before
+        assert convert.__wrapped__ is mmengine.model.utils.convert_sync_batchnorm
+    assert convert_sync_batchnorm is mmengine.model.utils.convert_sync_batchnorm
+    assert not hasattr(convert_sync_batchnorm, '__cbn_guard__')
 
 
 class _Exploit:
