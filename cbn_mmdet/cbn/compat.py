@@ -4,14 +4,22 @@ Each capability is detected once (at import, or again by :func:`resolve`, which 
 after removing an API) and the layer calls the chosen function. Private APIs are used only
 where they exist; every fallback gives the same results (tests/cbn/test_compat.py runs training
 steps with each private API removed).
+
+Importing this module patches nothing. Where a private API is missing (torch < 2.8 has no
+``_top_saved_tensors_default_hooks``), its fallback counts entries of torch's
+``saved_tensors_hooks`` (and, without ``_current_graph_task_id``, the reentrant checkpoint's
+backward): :func:`ensure_tracker` wraps those methods once, when the first CBN layer is built,
+and torch's own methods still do all the work (tests/test_import_side_effects.py: a model
+without CBN checkpoints bit-identically with the wrappers in place).
 """
+import functools
 import threading
 
 import torch
 import torch.autograd.graph as autograd_graph
 
 __all__ = ['autocast_enabled', 'saved_tensors_hooks_active', 'in_backward_recompute',
-           'addcmul_into', 'resolve']
+           'addcmul_into', 'resolve', 'ensure_tracker']
 
 
 # ---------------------------------------------------------------- autocast
@@ -45,8 +53,21 @@ def _takes_device_type() -> bool:
 _tls = threading.local()
 
 
-def _depth(name: str) -> int:
-    return getattr(_tls, name, 0)
+def _entered(name: str) -> list:
+    """This thread's entered-and-not-exited objects of one kind, innermost last."""
+    stack = getattr(_tls, name, None)
+    if stack is None:
+        stack = []
+        setattr(_tls, name, stack)
+    return stack
+
+
+def _leave(name: str, obj) -> None:
+    stack = _entered(name)
+    for i in range(len(stack) - 1, -1, -1):  # an object entered before the tracker is not there
+        if stack[i] is obj:
+            del stack[i]
+            return
 
 
 def _top_hooks_private() -> bool:
@@ -54,50 +75,80 @@ def _top_hooks_private() -> bool:
 
 
 def _top_hooks_tracked() -> bool:
-    return _depth('hooks') > 0
+    if not _installed['hooks']:
+        ensure_tracker()  # a layer that was not built in this process (unpickled): best effort
+    return len(_entered('hooks')) > 0
 
 
-_tracker_installed = False
+# What the chosen fallbacks need counted ('hooks': entries of saved_tensors_hooks; 'backward':
+# the reentrant checkpoint's backward) and what is installed. Nothing is patched at import: the
+# first CBN layer built calls ensure_tracker(), before any of its forwards can run under hooks.
+_needed = {'hooks': False, 'backward': False}
+_installed = {'hooks': False, 'backward': False}
 
 
-def _install_tracker() -> None:
+def _install_hooks_tracker() -> None:
     """Count entries of ``saved_tensors_hooks`` (and its subclasses: checkpointing's
-    ``_checkpoint_hook`` / ``_recomputation_hook``, ``save_on_cpu``) and of the reentrant
-    checkpoint's backward, per thread. Installed once, only when a private API is missing."""
-    global _tracker_installed
-    if _tracker_installed:
+    ``_checkpoint_hook`` / ``_recomputation_hook``, ``save_on_cpu``) per thread. torch's own
+    ``__enter__`` / ``__exit__`` run first / last, unchanged: the same return values and
+    exceptions; a context entered before this ran is simply not counted."""
+    if _installed['hooks']:
         return
     cls = autograd_graph.saved_tensors_hooks
     enter, exit_ = cls.__enter__, cls.__exit__
 
-    def tracked_enter(self):
+    @functools.wraps(enter)
+    def __enter__(self):
         out = enter(self)
-        _tls.hooks = _depth('hooks') + 1
+        _entered('hooks').append(self)
         if type(self).__name__ == '_recomputation_hook':
-            _tls.recompute = _depth('recompute') + 1
+            _entered('recompute').append(self)
         return out
 
-    def tracked_exit(self, *exc):
-        if type(self).__name__ == '_recomputation_hook':
-            _tls.recompute = _depth('recompute') - 1
-        _tls.hooks = _depth('hooks') - 1
+    @functools.wraps(exit_)
+    def __exit__(self, *exc):
+        _leave('recompute', self)
+        _leave('hooks', self)
         return exit_(self, *exc)
 
-    cls.__enter__, cls.__exit__ = tracked_enter, tracked_exit
+    cls.__enter__, cls.__exit__ = __enter__, __exit__
+    _installed['hooks'] = True
 
+
+def _install_backward_tracker() -> None:
+    """Count the reentrant checkpoint's backward (it recomputes the forward) per thread."""
+    if _installed['backward']:
+        return
     import torch.utils.checkpoint as checkpoint
     fn = getattr(checkpoint, 'CheckpointFunction', None)
-    if fn is not None:  # reentrant checkpointing recomputes inside this backward
+    if fn is not None:
         backward = fn.backward
 
+        @functools.wraps(backward)
         def tracked_backward(ctx, *args):
-            _tls.recompute = _depth('recompute') + 1
+            token = object()
+            _entered('recompute').append(token)
             try:
                 return backward(ctx, *args)
             finally:
-                _tls.recompute = _depth('recompute') - 1
+                _leave('recompute', token)
         fn.backward = staticmethod(tracked_backward)
-    _tracker_installed = True
+    _installed['backward'] = True
+
+
+def ensure_tracker() -> None:
+    """Install the counting that the chosen fallbacks read (nothing on torch with both private
+    APIs, torch >= 2.8). Called when a CBN layer is built, so that a process that builds none
+    keeps torch's classes untouched. Idempotent and cheap."""
+    if _needed['hooks'] and not _installed['hooks']:
+        _install_hooks_tracker()
+    if _needed['backward'] and not _installed['backward']:
+        _install_backward_tracker()
+
+
+def tracker_installed() -> dict:
+    """What :func:`ensure_tracker` has patched in this process, ``{'hooks': bool, 'backward': bool}``."""
+    return dict(_installed)
 
 
 # ---------------------------------------------------------------- recomputation in backward
@@ -106,7 +157,9 @@ def _in_graph_task_private() -> bool:
 
 
 def _in_recompute_tracked() -> bool:
-    return _depth('recompute') > 0
+    if not (_installed['hooks'] and _installed['backward']):
+        ensure_tracker()  # see _top_hooks_tracked
+    return len(_entered('recompute')) > 0
 
 
 # ---------------------------------------------------------------- mixed-dtype addcmul_
@@ -141,12 +194,14 @@ addcmul_into = _addcmul_direct
 PRIVATE_APIS = ('_top_saved_tensors_default_hooks', '_current_graph_task_id')
 
 
-def resolve(missing=()) -> dict:
+def resolve(missing=(), install=True) -> dict:
     """Pick each function for the torch in use; returns ``{capability: implementation name}``.
 
     ``missing``: capabilities to treat as absent (tests): a name of :data:`PRIVATE_APIS`,
     ``'autocast_device_arg'`` or ``'mixed_addcmul'``. (torch's own checkpointing calls the
     private APIs on new releases, so a test cannot always delete them for real.)
+    ``install``: patch torch for the chosen fallbacks now (:func:`ensure_tracker`); the import
+    passes False, leaving that to the first CBN layer built.
     """
     global autocast_enabled, saved_tensors_hooks_active, in_backward_recompute, addcmul_into
     unknown = set(missing) - set(PRIVATE_APIS) - {'autocast_device_arg', 'mixed_addcmul'}
@@ -159,8 +214,12 @@ def resolve(missing=()) -> dict:
                and hasattr(torch._C._autograd, '_top_saved_tensors_default_hooks'))
     has_task = ('_current_graph_task_id' not in missing
                 and hasattr(torch._C, '_current_graph_task_id'))
-    if not (has_top and has_task):
-        _install_tracker()
+    # the hooks count serves both fallbacks (the recomputation hook is one of the hooks); the
+    # reentrant backward's count only the recomputation query
+    _needed['hooks'] = not (has_top and has_task)
+    _needed['backward'] = not has_task
+    if install:
+        ensure_tracker()
     saved_tensors_hooks_active = _top_hooks_private if has_top else _top_hooks_tracked
     in_backward_recompute = _in_graph_task_private if has_task else _in_recompute_tracked
     addcmul_into = (_addcmul_direct if 'mixed_addcmul' not in missing and _mixed_addcmul_works()
@@ -171,4 +230,4 @@ def resolve(missing=()) -> dict:
             'addcmul_into': addcmul_into.__name__}
 
 
-resolve()
+resolve(install=False)
