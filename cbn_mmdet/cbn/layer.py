@@ -110,8 +110,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._tracked = int(self.num_batches_tracked) if self.track_running_stats else 0
         self.ring = RingWindow(self)
         self._warned = False
-        self._no_graph_step = -1  # last step whose windowed call saw no autograd graph
-        self._warned_reentrant = False
+        # (step, stream, slot, m, under hooks): an iteration whose derivatives a recomputation
+        # (activation checkpointing) will supply, see _complete
+        self._pending = None
+        self._warned_pending = False
+        self._conv_weight = None  # weakref to the trainable weight of the producing conv
         self._work: dict = {}                      # scratch tensors, see _scratch
 
     @property
@@ -225,20 +228,36 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _grad_reducer(self):
         return None
 
-    def _compensation_weight(self, rec):
-        """The current conv weight as (C, K) when this call can compensate, else None."""
-        if not (self.compensate and rec is not None and rec.weight is not None):
-            return None
-        if compat.saved_tensors_hooks_active():
-            # Under saved-tensor hooks (activation checkpointing) reading the conv's saved input
-            # would trigger its recomputation or break the checkpoint.
-            if not self._warned:
-                self._warned = True
-                warnings.warn(f'{self._name()} runs under saved-tensor hooks (activation '
-                              'checkpointing); stored statistics are averaged without weight '
-                              'compensation there.')
-            return None
-        return rec.weight.detach().reshape(self.num_features, -1)  # a copy if channels_last
+    def _compensation_weight(self, rec, why):
+        """``(w, deferred)``: the current conv weight as (C, K) when this call can compensate,
+        else None; ``deferred`` when this iteration's derivatives must come from the
+        recomputation of activation checkpointing (the conv's input is not readable now)."""
+        if not self.compensate:
+            return None, False
+        if rec is not None and rec.weight is not None:
+            self._conv_weight = weakref.ref(rec.weight)
+            weight = rec.weight
+            # Non-reentrant checkpointing: reading the conv's saved input would recompute it.
+            deferred = compat.saved_tensors_hooks_active()
+        elif why == 'no-graph':
+            # Reentrant checkpointing runs the forward without a graph; the recomputation in
+            # backward has one. The weight is the one this layer's conv had before.
+            weight = self._conv_weight() if self._conv_weight is not None else None
+            deferred = True
+        else:
+            return None, False
+        w = None if weight is None else weight.detach().reshape(self.num_features, -1)
+        return w, deferred
+
+    def _warn_lost_derivatives(self):
+        """A deferred iteration that no recomputation completed (saved-tensor hooks without
+        checkpointing, e.g. ``save_on_cpu``): it is stored without compensation."""
+        if self._warned_pending:
+            return
+        self._warned_pending = True
+        warnings.warn(f'{self._name()} ran under saved-tensor hooks that did not recompute it '
+                      '(not activation checkpointing, e.g. save_on_cpu): the conv input cannot be '
+                      'read there, so such iterations are stored without weight compensation.')
 
     def _factors(self, nvalid, m, dtype, device):
         """``(row, int counts)`` of :func:`window_factors` for ``nvalid`` stored iterations."""
@@ -257,14 +276,21 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """Window forward; ``stream`` None means no window (SyncCBN's burn-in: synchronized BN)."""
         if rec is None and why != 'no-graph' and not self._warned:
             self._warned = True
-            warnings.warn(f'{self._name()}: its input comes from {why}, not from a 2-d conv; '
-                          'stored statistics are averaged without weight compensation.')
+            fix = ''
+            if why.startswith('Compiled'):  # the conv ran inside a torch.compile graph
+                fix = (' (the conv was compiled by torch.compile: call cbn_mmdet.cbn.'
+                       'keep_producing_convs_eager(model) before compiling; CBNHook does it when '
+                       'mmengine compiles)')
+            warnings.warn(f'{self._name()}: its input comes from {why}, not from a 2-d conv'
+                          f'{fix}; stored statistics are averaged without weight compensation.')
         kern = kernels.select(y)
-        w = self._compensation_weight(rec) if stream is not None else None
-        if why == 'no-graph' and stream is not None:
-            self._no_graph_step = self._step
+        w, deferred = self._compensation_weight(rec, why) if stream is not None else (None, False)
+        if self._pending is not None:  # not completed by a recomputation
+            if self._pending[-1]:
+                self._warn_lost_derivatives()
+            self._pending = None
         with torch.no_grad(), exact_fp32(y.device.type):
-            moments, derivs, m = self._moments(y, rec, w, kern)
+            moments, derivs, m = self._moments(y, rec, None if deferred else w, kern)
             proj = None
             if stream is None:
                 nvalid = 0
@@ -274,6 +300,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             else:
                 self.ring.ensure(stream, self.num_features, moments.dtype, moments.device)
                 past, valid, proj = self.ring.stored(stream, w, derivs)
+                if deferred:
+                    self._pending = (self._step, stream, self.ring.heads[stream], m, rec is not None)
                 nvalid = valid.sum()
                 row, int_counts = self._factors(nvalid, m, moments.dtype, moments.device)
                 stats = pool(moments, past, valid, row[0])
@@ -293,17 +321,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self.steps.record((mean, invstd, var, counts))
         return CountNormalize.apply(y, self.weight, self.bias, mean, invstd, var, self.eps, counts,
                                     kern, self._grad_reducer(), self.steps.marker())
-
-    def _warn_reentrant(self):
-        """A recomputation of a call that had no autograd graph: reentrant checkpointing."""
-        if self._warned_reentrant:
-            return
-        self._warned_reentrant = True
-        warnings.warn(f'{self._name()} runs under reentrant activation checkpointing '
-                      '(torch.utils.checkpoint with use_reentrant=True, as mmcv/mmdet with_cp=True): '
-                      'its first forward has no autograd graph, so stored statistics are averaged '
-                      'without weight compensation. Leave the CBN blocks out of checkpointing to '
-                      'keep the compensation.')
 
     def _record_probe(self, moments, past, valid, stats):
         """For statistics studies: the mean/var that BN (this batch), plain averaging of the
@@ -335,18 +352,40 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return F.batch_norm(y, zeros, torch.ones_like(zeros), self.weight, self.bias, False, 0.0, self.eps)
 
     def _recompute(self, y):
-        """Rerun of this step's call by activation checkpointing: same statistics, no state change."""
+        """Rerun of this step's call by activation checkpointing: same statistics, no state change
+        beyond the derivatives the first forward could not compute (see :meth:`_complete`)."""
         saved = self.steps.replayed()
-        if self._no_graph_step == self._step and self.compensate:
-            self._warn_reentrant()
-        if saved is None:  # a BN step: batch statistics only
-            out = F.batch_norm(y, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if self._pending is not None and self._pending[0] == self._step:
+            self._complete(y)
+        if saved is None:  # a BN step: batch statistics; the running ones passed (momentum 0,
+            # unchanged) so that the rerun saves the same tensors as the first forward
+            running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+            out = F.batch_norm(y, *running, self.weight, self.bias, True, 0.0, self.eps)
             self.steps.watch(out)
             return out
         mean, invstd, var, counts = saved
         return CountNormalize.apply(y, self.weight, self.bias, mean, invstd, var, self.eps,
                                     counts, kernels.select(y), self._grad_reducer(),
                                     self.steps.marker())
+
+    def _complete(self, y):
+        """Store the deferred iteration's derivatives and projections: in the recomputation the
+        conv's input is there again (the weight has not changed since the first forward)."""
+        _, stream, slot, m, _ = self._pending
+        self._pending = None
+        rec, _ = find_producing_conv(y)
+        if rec is None or rec.weight is None:
+            return  # nothing upstream trains: the slot stays without compensation
+        self._conv_weight = weakref.ref(rec.weight)
+        w = rec.weight.detach().reshape(self.num_features, -1)
+        with torch.no_grad(), exact_fp32(y.device.type):
+            derivs = self._recomputed_derivatives(rec, y, m)
+            self.ring.complete(stream, slot, derivs, w)
+
+    def _recomputed_derivatives(self, rec, y, m):
+        """This iteration's (C + G, K) derivatives from the recomputation (SyncCBN: summed over
+        the processes, ``m`` their total element count)."""
+        return derivatives(rec, y)
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn, *args, **kwargs):

@@ -53,6 +53,15 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
             derivs = flat[moments.numel():].view_as(derivs)
         return moments, derivs if w is not None else None, total
 
+    def _recomputed_derivatives(self, rec, y, m):
+        """The deferred derivatives (activation checkpointing), averaged over the processes like
+        those of :meth:`_moments`; every process recomputes the layer in its backward."""
+        if not self._collective():
+            return super()._recomputed_derivatives(rec, y, m)
+        derivs = derivatives(rec, y, normalize=False)
+        dist.all_reduce(derivs, group=self.process_group)
+        return derivs / m.clamp_min(1)
+
     def _grad_reducer(self):
         if not self._collective():
             return None

@@ -25,7 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .functional import compensation_terms
+from .functional import compensation_terms, non_finite
 
 FLOAT_BUFFERS = ('cbn_moments', 'cbn_proj', 'cbn_deriv')
 BUFFERS = FLOAT_BUFFERS + ('cbn_valid', 'cbn_head')
@@ -158,8 +158,10 @@ class RingWindow:
         """
         v = self._views(stream)
         moments, valid = v['moments'], v['valid']
-        if derivs is None:  # no compensation this step (derivatives come with ``w``)
-            return moments, valid, None
+        if derivs is None:  # this iteration's derivatives come later (checkpointing) or never
+            if w is None or v['deriv'] is None or v['deriv'].shape[-1] != w.shape[1]:
+                return moments, valid, None
+            return moments + (compensation_terms(v['deriv'], w) - v['proj']), valid, None
         if not self.has_derivatives(*derivs.shape):  # nothing stored with derivatives yet
             return moments, valid, compensation_terms(derivs[:, None], w)[0]
         # One product for the stored and the current derivatives needs them side by side: a
@@ -185,6 +187,16 @@ class RingWindow:
             slot_d.zero_()
             slot_p.zero_()
         self.heads[stream] = (h + 1) % self.slots
+
+    def complete(self, stream: int, slot: int, derivs: Tensor, w: Tensor):
+        """Add the derivatives (C + G, K) of an iteration pushed without them, and their
+        projections on its weight ``w``; a non-finite projection invalidates the slot."""
+        self._ensure_derivatives(*derivs.shape)
+        _, slot_p, slot_d, slot_v = self._views(stream)['slots'][slot]
+        proj = compensation_terms(derivs[:, None], w)[0]
+        slot_d.copy_(derivs)
+        slot_p.copy_(proj)
+        slot_v.logical_and_(non_finite(proj).logical_not())
 
     def sync(self):
         """Write the host-side heads into ``cbn_head`` (before the state is saved)."""
