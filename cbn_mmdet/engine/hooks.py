@@ -5,7 +5,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ..cbn import CrossIterationBatchNorm2d, name_cbn_layers
+from ..cbn import CrossIterationBatchNorm2d, keep_producing_convs_eager, name_cbn_layers
 from .checkpoint import install_checkpoint_loader
 
 
@@ -148,6 +148,10 @@ class CBNHook(Hook):
             runner.logger.warning('CBNHook: the model has no CBN layer')
             return
         msg = f'CBNHook: {len(layers)} CBN layers'
+        if (getattr(runner, 'cfg', None) or {}).get('compile', None) not in (None, False):
+            eager = keep_producing_convs_eager(model)
+            msg += (f'; torch.compile: the {len(eager)} convs feeding them run eagerly in '
+                    'training (so the compensation can read them)')
         per_epoch = len(runner.train_dataloader)
         groups = {}
         for name, m in named:

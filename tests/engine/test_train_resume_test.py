@@ -115,3 +115,25 @@ def test_ema_hook_trains_past_burnin_and_validates(tiny_data, tmp_path, ema_type
     assert not torch.equal(ema['module.' + key], model[key])
     same = torch.equal(ema['module.neck.fpn_convs.0.bn.running_var'], model['neck.fpn_convs.0.bn.running_var'])
     assert same != update_buffers
+
+
+def test_mmengine_compile_keeps_the_compensation_in_every_layer(tiny_data, tmp_path):
+    """mmengine's ``compile`` option (here ``backend='aot_eager'``) on the quick-start Mask R-CNN:
+    dynamo really traces the model (its graph-break log), CBNHook keeps the convs feeding the
+    CBN layers eager, and every CBN layer stored derivatives (it found its conv) with no
+    fallback warning."""
+    cfg = _inherit(tmp_path, 'compiled.py', "custom_hooks = [dict(type='CBNHook', burnin_epochs=0)]\n"
+                   "compile = dict(backend='aot_eager')\n")
+    work = str(tmp_path / 'work')
+    out = run_tool(['tools/train.py', cfg, '--work-dir', work, '--cfg-options',
+                    'train_cfg.max_epochs=1', 'train_cfg.val_interval=10'] + digits_options(tiny_data),
+                   env=dict(TORCH_LOGS='graph_breaks'))
+    assert 'Model has been "compiled"' in out
+    assert 'Graph break' in out  # dynamo traced the model (it breaks at each CBN layer)
+    assert 'torch.compile: the ' in out and 'convs feeding them run eagerly' in out
+    assert 'not from a 2-d conv' not in out and 'keep_producing_convs_eager' not in out
+    from cbn_mmdet.engine.checkpoint import load_local_checkpoint
+    windows = load_local_checkpoint(osp.join(work, 'epoch_1.pth'))['cbn_window']
+    assert windows and all(w['cbn_dnu'].dim() == 4 and w['cbn_dnu'].abs().sum() > 0
+                           for w in windows.values()), [n for n, w in windows.items()
+                                                        if w['cbn_dnu'].dim() != 4]
