@@ -4,14 +4,20 @@
 
 On one CUDA GPU (estimated 5-6 minutes on an H100-class GPU, not yet timed; ``--quick`` for fewer
 iterations):
-  1. the whole CBN test matrix (``tests/cbn``): the tests marked ``cuda`` run the layer's
-     CUDA branch on the real kernels there (the emulated variants run as in CI);
+  1. the whole CBN test matrix (``tests/cbn``) with real CUDA in it: every test of the
+     ``kernel_set`` matrix also runs with CUDA as the default device (reference comparisons over
+     SGD steps, channels_last, autocast, robustness), the tests marked ``cuda`` run the CUDA
+     branch against the CPU float64 path, a training step under
+     ``torch.cuda.set_sync_debug_mode('error')``, and TF32 left at the user's defaults;
   2. ``tools/benchmarks/op_count_bench.py --device cuda``: ATen ops per training step (targets:
      CBN <= 50, plain averaging <= 35) and time per step at small shapes;
   3. ``tools/benchmarks/layer_bench.py --device cuda``: conv+CBN vs the floor (BN + one extra
      weight-gradient conv) at the FPN and box-head shapes; target CBN <= 1.1x the floor;
   4. ``tools/benchmarks/detector_bench.py --device cuda``: Faster/Mask R-CNN R50-FPN train step
-     at 2 images of 800x1216; target CBN <= 1.1x the GN config.
+     at 2 images of 800x1216; target CBN <= 1.1x the GN config;
+  5. ``tools/benchmarks/memory_bench.py --device cuda --size 800 1333``: per config of
+     ``configs/cbn/``, what the CBN layers keep (target <= 1.10x the stored window) and the peak
+     memory of a training step at the config's per-GPU batch (``torch.cuda.max_memory_allocated``).
 Raw outputs and JSON go to ``--out`` (default ``work_dirs/gpu_check``). Exits 1 if a check fails.
 Without a GPU it says so and exits 2 (``--allow-cpu`` runs the same steps on CPU, to test this
 script itself).
@@ -123,6 +129,26 @@ def main(argv=None):
                          ratio <= 1.10))
     else:
         rows.append(('detector_bench', f'exit {rc}', 'runs', False))
+
+    mem_json = osp.join(a.out, 'memory.json')
+    size = ['800', '1333'] if device == 'cuda' else ['128', '128']
+    configs = [] if device == 'cuda' else [osp.join(ROOT, 'configs/cbn', c) for c in (
+        'faster-rcnn_r50_fpn_cbn_4xb4-1x_coco.py', 'faster-rcnn_r50_fpn_bn_4xb4-1x_coco.py')]
+    rc, secs, _ = run('memory_bench', [py, 'tools/benchmarks/memory_bench.py', *configs,
+                                       '--device', device, '--size', *size, '--json', mem_json],
+                      a.out, 900)
+    res = load(mem_json)
+    if rc == 0 and res:
+        for r in res:
+            name = r['config'][:-3]
+            if r['kept_ratio'] is not None:
+                rows.append((f'{name} kept/window', f"{r['kept_ratio']:.3f}", '<= 1.10',
+                             r['kept_ratio'] <= 1.10))
+            if r.get('peak_step_mib') is not None:
+                rows.append((f"{name} peak step ({r['images']} img)",
+                             f"{r['peak_step_mib']:.0f} MiB", 'report', True))
+    else:
+        rows.append(('memory_bench', f'exit {rc}', 'runs', False))
 
     width = max(len(r[0]) for r in rows)
     print(f"\n{'check':<{width}}  {'figure':<28} {'target':<24} result")

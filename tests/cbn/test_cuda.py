@@ -2,7 +2,7 @@
 
 Each check runs on a real GPU (``device='cuda'``, marked ``cuda``: skipped without one) and, in
 CI, on CPU with the fused kernels emulated (``'cpu-emulated'``, see cuda_emulation.py): the
-same test code, so a defect of the test itself shows here too. TF32 is off inside the tests
+same test code, so a defect of the test itself shows here too. TF32 is off inside the matrix
 (cuDNN uses it for float32 convolutions by default; it would test cuDNN, not CBN).
 """
 import contextlib
@@ -124,3 +124,59 @@ def test_state_dict_moves_between_devices():
     fresh.load_state_dict(layer.state_dict())
     for k, v in layer.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[k].cpu(), v)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('compensate', [True, False])
+def test_no_host_sync_in_training_steps_on_cuda(compensate):
+    """Windowed training steps whose element count changes every step (as in the mask head) run
+    under ``torch.cuda.set_sync_debug_mode('error')``: any host sync in CBN's forward, backward
+    or the tables built for a new shape raises."""
+    conv, layer = _pair(window=4, compensate=compensate)
+    conv, layer = conv.cuda(), layer.cuda()
+    layer.burnin = 0
+    opt = torch.optim.SGD([*conv.parameters(), *layer.parameters()], lr=0.05, foreach=True)
+    for n in (2, 3):  # the window's tensors are allocated in the first windowed steps
+        out = layer(conv(torch.randn(n, 8, 10, 10, device='cuda')))
+        out.square().mean().backward()
+        opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        for n in (4, 5, 6, 7, 1):  # a new m = n * 10 * 10 at every step
+            out = layer(conv(torch.randn(n, 8, 10, 10, device='cuda')))
+            opt.zero_grad()
+            out.square().mean().backward()
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(layer.cbn_valid.sum()) == 3
+
+
+@pytest.mark.cuda
+def test_default_tf32_settings_as_users_have_them():
+    """The user's TF32 defaults left as they are (cuDNN: TF32 on for float32 convolutions, the
+    conv feeding CBN and CBN's d nu/dW convolution included; cuBLAS: per torch's default): 8 SGD
+    steps on the GPU stay within TF32's rounding of the CPU float64 run, and the compensation
+    survives (the compensated model is closer to float64 CBN than plain averaging is)."""
+    assert torch.backends.cudnn.allow_tf32, 'test needs the default cuDNN TF32 setting'
+    conv, layer = _pair()
+    plain = copy.deepcopy(layer)
+    plain.compensate = False
+    cpu = (copy.deepcopy(conv).double(), copy.deepcopy(layer).double())
+    gpu = (copy.deepcopy(conv).cuda(), layer.cuda())
+    gpu_plain = (copy.deepcopy(conv).cuda(), plain.cuda())
+    sides = (cpu, gpu, gpu_plain)
+    opts = [torch.optim.SGD([*c.parameters(), *n.parameters()], lr=0.1) for c, n in sides]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        x = torch.randn(2, 8, 12, 12, generator=g, dtype=torch.float64) + 0.5
+        target = torch.randn(2, 16, 12, 12, generator=g, dtype=torch.float64)
+        with _reference():
+            out_c, _ = _step(*cpu, opts[0], x, target)
+        out_g, _ = _step(*gpu, opts[1], x.cuda().float(), target.cuda().float())
+        out_p, _ = _step(*gpu_plain, opts[2], x.cuda().float(), target.cuda().float())
+        torch.testing.assert_close(out_g.double().cpu(), out_c, rtol=1e-2, atol=1e-2)
+    err_cbn = (gpu[1].running_var.double().cpu() - cpu[1].running_var).abs().max()
+    err_plain = (gpu_plain[1].running_var.double().cpu() - cpu[1].running_var).abs().max()
+    assert err_cbn < 0.5 * err_plain, (err_cbn, err_plain)
