@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.utils.checkpoint as cp
 
 from cbn_mmdet.cbn import CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d
 from tests.multiproc import end_distributed, phase, spawn
@@ -26,16 +27,29 @@ def _model(norm_cls, **norm_kw):
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), norm_cls(6, **(norm_kw or dict(window=3)))).double()
 
 
-def _worker(rank, world, port, out_dir, fused=False, splits=SPLITS, norm_kw=None):
+class _Checkpointed(nn.Module):
+    """``net`` run under ``torch.utils.checkpoint`` (recomputed in backward)."""
+
+    def __init__(self, net, reentrant):
+        super().__init__()
+        self.net, self.reentrant = net, reentrant
+
+    def forward(self, x):
+        return cp.checkpoint(self.net, x, use_reentrant=self.reentrant)
+
+
+def _worker(rank, world, port, out_dir, fused=False, splits=SPLITS, norm_kw=None, reentrant=None):
     if fused:  # the CUDA branch, through CPU emulations of the fused kernels
         from tests.cbn.cuda_emulation import emulated_cuda_kernels
         with emulated_cuda_kernels():
-            return _worker(rank, world, port, out_dir, False, splits, norm_kw)
+            return _worker(rank, world, port, out_dir, False, splits, norm_kw, reentrant)
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     phase('init_process_group')
     dist.init_process_group('gloo', rank=rank, world_size=world)
     torch.set_num_threads(1)
-    model = nn.parallel.DistributedDataParallel(_model(SyncCrossIterationBatchNorm2d, **(norm_kw or {})))
+    net = _model(SyncCrossIterationBatchNorm2d, **(norm_kw or {}))
+    model = nn.parallel.DistributedDataParallel(
+        net if reentrant is None else _Checkpointed(net, reentrant))
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     records = []
     for step, split in enumerate(splits):
@@ -51,8 +65,8 @@ def _worker(rank, world, port, out_dir, fused=False, splits=SPLITS, norm_kw=None
                             grads=[p.grad.clone() for p in model.parameters()]))
         opt.step()
     phase('writing results')
-    torch.save(dict(records=records, state=model.module.state_dict(),
-                    window=model.module[1].window_state()), os.path.join(out_dir, f'rank{rank}.pt'))
+    torch.save(dict(records=records, state=net.state_dict(),
+                    window=net[1].window_state()), os.path.join(out_dir, f'rank{rank}.pt'))
     end_distributed()
 
 
@@ -62,11 +76,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _compare_with_one_process(ranks, model):
+def _compare_with_one_process(ranks, model, splits=SPLITS):
     """Train ``model`` on the whole batch of every step and compare each step's output, input
     gradient and (DDP-averaged, so halved) parameter gradients with the two ranks' records."""
     opt = torch.optim.SGD(model.parameters(), lr=LR / 2)  # DDP's average is half the sum
-    for step, split in enumerate(SPLITS):
+    for step, split in enumerate(splits):
         x, target = _data(step)
         x = x.clone().requires_grad_()
         out = model(x)
@@ -147,3 +161,22 @@ def test_sync_cbn_step_with_every_process_empty(tmp_path, fused):
         assert saved['records'][3]['out'].shape == (0, 6, 8, 8)
         for rec in saved['records']:
             assert torch.isfinite(rec['out']).all() and all(torch.isfinite(g).all() for g in rec['grads'])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize('reentrant', [True, False])
+def test_sync_cbn_under_activation_checkpointing_equals_one_process(tmp_path, reentrant):
+    """SyncCBN inside ``torch.utils.checkpoint`` on 2 processes: the derivatives deferred to
+    the recomputation are averaged over the processes there, so each step equals single-process
+    CBN (no checkpointing) on the whole batch, compensated window included."""
+    splits = [(2, 2), (3, 1), (1, 3), (2, 2), (3, 1)]
+    norm_kw = dict(window=3, burnin=1)
+    spawn(_worker, args=(2, _free_port(), str(tmp_path), False, splits, norm_kw, reentrant))
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
+    model = _model(CrossIterationBatchNorm2d, **norm_kw)
+    _compare_with_one_process(ranks, model, splits)
+    window = model[1].window_state()
+    assert window['cbn_dnu'].abs().sum() > 0
+    for key, value in window.items():
+        for r in ranks:
+            torch.testing.assert_close(r['window'][key], value, msg=key)
