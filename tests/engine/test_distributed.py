@@ -73,21 +73,28 @@ def test_slurm_scripts_with_a_stand_in_srun(tmp_path):
     env = dict(GPUS='2', GPUS_PER_NODE='2', MASTER_PORT=_port())
     out = _sh(['tools/slurm_train.sh', 'partition', 'cbn-test', QUICKSTART, work,
                '--cfg-options', 'train_cfg.max_epochs=1'] + opts, path=fake, extra_env=env)
+    assert f'[cbn_mmdet] using Python {sys.executable}' in out  # tools/_python.sh picked it
     assert 'burn-in 1 epochs = 2 iterations (2 iterations per epoch on each of 2 processes)' in out
     assert osp.isfile(osp.join(work, 'epoch_1.pth'))
     env['MASTER_PORT'] = _port()
     out = _sh(['tools/slurm_test.sh', 'partition', 'cbn-test', QUICKSTART,
                osp.join(work, 'epoch_1.pth'), '--work-dir', str(tmp_path / 'test'),
                '--cfg-options'] + opts, path=fake, extra_env=env)
+    assert f'[cbn_mmdet] using Python {sys.executable}' in out
     assert "'coco/bbox_mAP'" in out
 
 
-@pytest.mark.parametrize('script', ['dist_train.sh', 'dist_test.sh'])
-def test_dist_scripts_refuse_a_python_without_torch_in_one_line(script, tmp_path):
+@pytest.mark.parametrize('script,args', [
+    ('dist_train.sh', [QUICKSTART, 'x', '1']), ('dist_test.sh', [QUICKSTART, 'x', '1']),
+    ('slurm_train.sh', ['partition', 'job', QUICKSTART, 'work']),
+    ('slurm_test.sh', ['partition', 'job', QUICKSTART, 'x.pth'])])
+def test_launch_scripts_refuse_a_python_without_torch_in_one_line(script, args, tmp_path):
+    """Every launch script picks its Python with tools/_python.sh (the same one-line refusal;
+    the Slurm ones never reach srun, which is not on this PATH)."""
     fake = tmp_path / 'python'
     fake.write_text('#!/bin/sh\necho "No module named torch" >&2\nexit 1\n')
     fake.chmod(0o755)
-    rc, out, err = run_split(['bash', f'tools/{script}', QUICKSTART, 'x', '1'], cwd=ROOT,
+    rc, out, err = run_split(['bash', f'tools/{script}'] + args, cwd=ROOT,
                              env=dict(PYTHON=str(fake), PATH='/usr/bin:/bin'), deadline=60)
     assert rc == 1 and out == ''
     lines = err.strip().splitlines()
