@@ -1,5 +1,7 @@
-"""End to end through the repo's tools: train, save, resume, evaluate the saved checkpoint."""
+"""End to end through the repo's tools: train, save, resume, evaluate the saved checkpoint
+(and paint its predictions with --show-dir)."""
 import ast
+import os
 import os.path as osp
 
 import pytest
@@ -44,11 +46,21 @@ def test_train_resume_and_test_checkpoint(tiny_data, tmp_path):
     resumed = load_local_checkpoint(osp.join(work, 'epoch_2.pth'))['state_dict']
     assert resumed['neck.fpn_convs.0.bn.cbn_step'].item() == 8
 
+    painted = tmp_path / 'painted'
     out = run_tool(['tools/test.py', QUICKSTART, osp.join(work, 'epoch_2.pth'),
-                    '--work-dir', str(tmp_path / 'test'), '--cfg-options'] + opts)
+                    '--work-dir', str(tmp_path / 'test'), '--show-dir', str(painted),
+                    '--cfg-options'] + opts)
     metrics = ast.literal_eval(out.strip().splitlines()[-1])
     for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
         assert 0.0 <= metrics[key] <= 1.0
+    # --show-dir: mmdet's DetVisualizationHook paints every test image, ground truth beside
+    # the prediction (twice the 128-pixel width)
+    val_images = sorted(os.listdir(osp.join(tiny_data, 'val')))
+    assert val_images and sorted(os.listdir(painted)) == val_images
+    from PIL import Image
+    for name in val_images:
+        with Image.open(painted / name) as img:
+            assert img.size == (256, 128), (name, img.size)
 
 
 def test_load_from_a_saved_checkpoint(tiny_data, tmp_path):
