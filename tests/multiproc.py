@@ -11,6 +11,8 @@ rank forever after its work was done).
 - :func:`run` runs a command (a tool, ``dist_train.sh``, the fake Slurm) in its own process
   group; on the deadline the whole group is killed, and the message names every process still
   alive with its rank (``RANK`` / ``SLURM_PROCID`` in its environment) and the output's tail.
+- :func:`run_many` runs several commands at once (the nodes of a multi-node launch), each in
+  its own process group, under one deadline, with the same kill and report.
 """
 import os
 import signal
@@ -146,3 +148,69 @@ def run(cmd, cwd=None, env=None, deadline=RUN_DEADLINE, what=None):
 def run_split(cmd, cwd=None, env=None, deadline=RUN_DEADLINE, what=None):
     """:func:`run` with stdout and stderr apart: ``(returncode, stdout, stderr)``."""
     return _run(cmd, cwd, env, deadline, what, merged=False)
+
+
+def run_many(cmds, cwd=None, envs=None, deadline=RUN_DEADLINE, what=None, grace=30):
+    """Run the commands concurrently, each in a new process group (``envs[i]`` is the
+    environment of ``cmds[i]``); return ``[(returncode, stdout and stderr together), ...]`` in
+    their order once all have ended.
+
+    After ``deadline`` seconds every process of every group is killed and the test fails,
+    listing for each command the processes still alive (with their rank) and its output's
+    tail. A command that fails does not leave the others waiting for it until the deadline
+    (as the other nodes of a launch would, in their rendezvous): ``grace`` seconds after the
+    first non-zero exit, the commands still running are killed (their returncode is then
+    ``-9``) and the results are returned."""
+    envs = list(envs) if envs is not None else [None] * len(cmds)
+    names = what or [' '.join(map(str, c[:3])) for c in cmds]
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = [open(os.path.join(tmp, f'out{i}'), 'w+') for i in range(len(cmds))]
+        procs = []
+        try:
+            # output to files, not pipes: nothing to drain while waiting, and a child that
+            # keeps its output open cannot block the collection
+            for cmd, env, log in zip(cmds, envs, logs):
+                procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log,
+                                              stderr=subprocess.STDOUT, text=True,
+                                              start_new_session=True))
+            end = time.monotonic() + deadline
+            stop = None  # when the others go, after a failure
+            while any(p.poll() is None for p in procs):
+                now = time.monotonic()
+                if stop is None and any(p.returncode not in (None, 0) for p in procs):
+                    stop = now + grace
+                if stop is not None and now > stop:
+                    break
+                if now > end:
+                    alive = [_group_members(p.pid) for p in procs]
+                    _kill_groups(procs)
+                    report = []
+                    for name, p, members, log in zip(names, procs, alive, logs):
+                        log.seek(0)
+                        state = ('still running:\n' + '\n'.join(
+                            f'  pid {pid}, rank {rank}: {c}' for pid, rank, c in members)
+                            if members else f'exited {p.returncode}')
+                        report.append(f'[{name}] {state}\nlast output:\n{log.read()[-3000:]}')
+                    pytest.fail(f'{len(cmds)} commands did not finish in {deadline} s:\n'
+                                + '\n'.join(report), pytrace=False)
+                time.sleep(0.2)
+            _kill_groups(procs)  # what a command left behind in its group (none should be)
+            results = []
+            for p, log in zip(procs, logs):
+                log.seek(0)
+                results.append((p.returncode, log.read()))
+            return results
+        finally:
+            _kill_groups(procs)
+            for log in logs:
+                log.close()
+
+
+def _kill_groups(procs):
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for p in procs:
+        p.wait()

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.helpers import QUICKSTART, ROOT, digits_options, make_tiny_digits
-from tests.multiproc import run, run_split
+from tests.multiproc import run, run_many, run_split
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +61,45 @@ def test_dist_train_resume_and_dist_test(tmp_path):
                '--work-dir', str(tmp_path / 'test'), '--cfg-options'] + opts)
     metrics = ast.literal_eval(out.strip().splitlines()[-1])
     assert 0.0 <= metrics['coco/bbox_mAP'] <= 1.0 and 0.0 <= metrics['coco/segm_mAP'] <= 1.0
+
+
+def test_two_nodes_on_one_machine_train_and_resume(tmp_path):
+    """The README's multi-node launch (NNODES=2 NODE_RANK=0|1 MASTER_ADDR PORT dist_train.sh),
+    as two "nodes" on 127.0.0.1 with one process each (gloo on CPU), started together: they
+    train one epoch as a world of 2, save, and resume for a second epoch."""
+    data = make_tiny_digits(str(tmp_path / 'digits'), num_train=8, num_val=2)
+    work = str(tmp_path / 'work')
+    opts = digits_options(data, batch_size=2) + ['default_hooks.checkpoint.interval=1',
+                                                 'train_cfg.val_interval=10']
+
+    def nodes(extra):
+        port = _port()  # the same free port for both: node 0 serves the rendezvous on it
+        envs = [dict(PYTHON=sys.executable, NNODES='2', NODE_RANK=str(rank),
+                     MASTER_ADDR='127.0.0.1', PORT=port, OMP_NUM_THREADS='1',
+                     PATH='/usr/bin:/bin', HOME=osp.expanduser('~')) for rank in (0, 1)]
+        cmd = ['bash', 'tools/dist_train.sh', QUICKSTART, '1', '--work-dir', work] + extra
+        results = run_many([cmd, cmd], cwd=ROOT, envs=envs, deadline=300,
+                           what=['node 0', 'node 1'])
+        for rank, (rc, out) in enumerate(results):
+            assert rc == 0, f'node {rank} exited {rc}:\n{out[-6000:]}'
+            assert 'using the gloo backend' in out  # each node started its process
+        return [out for _, out in results]
+
+    out0, _ = nodes(['--cfg-options', 'train_cfg.max_epochs=1'] + opts)
+    assert 'Distributed training: True' in out0 and 'GPU number: 2' in out0  # world size 2
+    # 8 images / (2 per process x 2 processes, one per node) = 2 iterations per epoch
+    assert 'burn-in 1 epochs = 2 iterations (2 iterations per epoch on each of 2 processes)' in out0
+    assert osp.isfile(osp.join(work, 'epoch_1.pth'))
+
+    out0, out1 = nodes(['--resume', '--cfg-options', 'train_cfg.max_epochs=2'] + opts)
+    assert 'resumed epoch: 1, iter: 2' in out0
+    assert 'resumed at step 2 with the saved windows of 16 layers' in out0
+    for out in (out0, out1):  # each node's process loaded the checkpoint
+        assert f'backend from path: {osp.join(work, "epoch_1.pth")}' in out
+    assert 'Epoch(train) [2][2/2]' in out0
+    from cbn_mmdet.engine.checkpoint import load_local_checkpoint
+    ckpt = load_local_checkpoint(osp.join(work, 'epoch_2.pth'))
+    assert ckpt['meta']['iter'] == 4 and ckpt['state_dict']['neck.fpn_convs.0.bn.cbn_step'].item() == 4
 
 
 def test_slurm_scripts_with_a_stand_in_srun(tmp_path):
