@@ -142,6 +142,27 @@ def test_fx_graph_module_keeps_the_input_rank_check():
         gm(torch.randn(2, 3, 4))
 
 
+def test_sync_cbn_in_eval_traces_as_cbn():
+    """SyncCBN (distributed training only) in eval mode: the same module call under fx and one
+    batch_norm under jit.trace, both equal to eager."""
+    from cbn_mmdet.cbn import SyncCrossIterationBatchNorm2d
+    layer = SyncCrossIterationBatchNorm2d(8)
+    layer.running_mean.uniform_(-1, 1)
+    layer.running_var.uniform_(0.5, 2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), layer).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        gm = torch.fx.symbolic_trace(model)
+        assert [n.target for n in gm.graph.nodes if n.op == 'call_module'] == ['0', '1']
+        torch.testing.assert_close(gm(x), ref, rtol=0, atol=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            traced = torch.jit.trace(model, x)
+        assert [n.kind() for n in traced.inlined_graph.nodes()].count('aten::batch_norm') == 1
+        torch.testing.assert_close(traced(x), ref, rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------ torch.jit.trace
 def test_jit_trace(trained):
     kind, model, x, ref = trained
@@ -273,14 +294,16 @@ def test_mmcv_conv_module_efficient_conv_bn_eval():
 
 def test_mmengine_efficient_conv_bn_eval(trained):
     """mmengine's Runner option ``efficient_conv_bn_eval=['backbone']``
-    (turn_on_efficient_conv_bn_eval, done at the start of training on the train-mode model):
-    its fx pass finds every conv-CBN pair; eval runs the folded conv, training still runs CBN."""
+    (turn_on_efficient_conv_bn_eval, done at the start of training on the train-mode model;
+    'layer': the whole model): its fx pass finds every conv-CBN pair; eval runs the folded conv,
+    training still runs CBN."""
     kind, model, x, ref = trained
-    if kind != 'resnet_fpn':
-        pytest.skip('the ResNet-FPN model only')
     import mmengine.model.efficient_conv_bn_eval as ecbe
     model = copy.deepcopy(model).train()
-    ecbe.turn_on_efficient_conv_bn_eval(model, ['backbone'])
+    if kind == 'resnet_fpn':
+        ecbe.turn_on_efficient_conv_bn_eval(model, ['backbone'])  # what the Runner calls
+    else:
+        ecbe.turn_on_efficient_conv_bn_eval_for_single_model(model)
     calls, cbn_calls = [0], [0]
     inner = ecbe.efficient_conv_bn_eval_forward
 
