@@ -87,6 +87,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.probe: Optional[dict] = None  # a dict to fill with this step's estimates (studies)
         self._reset_host_state()
         _LAYERS.add(self)
+        compat.ensure_tracker()  # torch < 2.8: count saved-tensor hooks from now on (checkpointing)
 
     def extra_repr(self):
         return (super().extra_repr() +

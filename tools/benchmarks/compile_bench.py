@@ -27,7 +27,9 @@ def build(norm: str, depth: int, device):
     from mmdet.models.backbones import ResNet
     norm_cfg = dict(type='BN') if norm == 'BN' else dict(type='CBN', window=4, burnin=0)
     torch.manual_seed(0)
-    return ResNet(depth, norm_cfg=norm_cfg, norm_eval=False).to(device).train()
+    model = ResNet(depth, norm_cfg=norm_cfg, norm_eval=False).to(device)
+    model.train()  # mmdet's ResNet.train returns None
+    return model
 
 
 def time_steps(model, x, iters, warmup):
