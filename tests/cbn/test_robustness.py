@@ -130,19 +130,19 @@ def checkpointed_equals_uncheckpointed(reentrant, steps=6):
         for _ in range(steps):
             x = torch.randn(2, 3, 6, 6, dtype=F64, requires_grad=True)
             outs = (eager(x), cp.checkpoint(ckpt, x, use_reentrant=reentrant), plain(x))
-            torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-10)
             for o, opt in zip(outs, opts):
                 opt.zero_grad()
                 o.square().sum().backward()
             for a, b in zip(ckpt.parameters(), eager.parameters()):
-                torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-10)
             for opt in opts:
                 opt.step()
     for name, a in ckpt.state_dict().items():
-        torch.testing.assert_close(a, eager.state_dict()[name], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(ckpt[1].cbn_moments, eager[1].cbn_moments, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(ckpt[1].cbn_deriv, eager[1].cbn_deriv, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(ckpt[1].cbn_proj, eager[1].cbn_proj, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a, eager.state_dict()[name], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(ckpt[1].cbn_moments, eager[1].cbn_moments, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(ckpt[1].cbn_deriv, eager[1].cbn_deriv, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(ckpt[1].cbn_proj, eager[1].cbn_proj, rtol=1e-8, atol=1e-10)
     assert (outs[1] - outs[2]).abs().max() > 1e-6  # compensation made a difference
     return ckpt
 
