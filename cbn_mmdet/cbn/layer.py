@@ -1,7 +1,7 @@
 """Cross-Iteration Batch Normalization as a drop-in ``_BatchNorm`` subclass."""
 import warnings
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -39,6 +39,16 @@ def _warn_no_burnin(layer) -> None:
         "0.112 in docs/studies.md, study 5). Add custom_hooks=[dict(type='CBNHook', "
         "burnin_epochs='first_lr_step')] to the config, or give the layers `burnin` "
         '(burnin=0 to start at once without this warning).', stacklevel=3)
+
+
+class _Deferred(NamedTuple):
+    """An iteration stored without its derivatives, which the recomputation of activation
+    checkpointing supplies (:meth:`CrossIterationBatchNorm2d._complete`)."""
+    step: int
+    stream: int
+    slot: int
+    m: object          # element count (SyncCBN: the 0-d total over processes)
+    under_hooks: bool  # deferred because of saved-tensor hooks (else: no autograd graph)
 
 
 def _row(buf: Tensor, i: int) -> Tensor:
@@ -111,9 +121,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._tracked = int(self.num_batches_tracked) if self.track_running_stats else 0
         self.ring = RingWindow(self)
         self._warned = False
-        # (step, stream, slot, m, under hooks): an iteration whose derivatives a recomputation
-        # (activation checkpointing) will supply, see _complete
-        self._pending = None
+        self._pending: Optional[_Deferred] = None
         self._warned_pending = False
         self._conv_weight = None  # weakref to the trainable weight of the producing conv
         self._work: dict = {}                      # scratch tensors, see _scratch
@@ -287,7 +295,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         kern = kernels.select(y)
         w, deferred = self._compensation_weight(rec, why) if stream is not None else (None, False)
         if self._pending is not None:  # not completed by a recomputation
-            if self._pending[-1]:
+            if self._pending.under_hooks:
                 self._warn_lost_derivatives()
             self._pending = None
         with torch.no_grad(), exact_fp32(y.device.type):
@@ -302,7 +310,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 self.ring.ensure(stream, self.num_features, moments.dtype, moments.device)
                 past, valid, proj = self.ring.stored(stream, w, derivs)
                 if deferred:
-                    self._pending = (self._step, stream, self.ring.heads[stream], m, rec is not None)
+                    self._pending = _Deferred(self._step, stream, self.ring.heads[stream], m,
+                                              rec is not None)
                 nvalid = valid.sum()
                 row, int_counts = self._factors(nvalid, m, moments.dtype, moments.device)
                 stats = pool(moments, past, valid, row[0])
@@ -356,7 +365,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """Rerun of this step's call by activation checkpointing: same statistics, no state change
         beyond the derivatives the first forward could not compute (see :meth:`_complete`)."""
         saved = self.steps.replayed()
-        if self._pending is not None and self._pending[0] == self._step:
+        if self._pending is not None and self._pending.step == self._step:
             self._complete(y)
         if saved is None:  # a BN step: batch statistics; the running ones passed (momentum 0,
             # unchanged) so that the rerun saves the same tensors as the first forward
@@ -372,16 +381,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _complete(self, y):
         """Store the deferred iteration's derivatives and projections: in the recomputation the
         conv's input is there again (the weight has not changed since the first forward)."""
-        _, stream, slot, m, _ = self._pending
-        self._pending = None
+        pending, self._pending = self._pending, None
         rec, _ = find_producing_conv(y)
         if rec is None or rec.weight is None:
             return  # nothing upstream trains: the slot stays without compensation
         self._conv_weight = weakref.ref(rec.weight)
         w = rec.weight.detach().reshape(self.num_features, -1)
         with torch.no_grad(), exact_fp32(y.device.type):
-            derivs = self._recomputed_derivatives(rec, y, m)
-            self.ring.complete(stream, slot, derivs, w)
+            derivs = self._recomputed_derivatives(rec, y, pending.m)
+            self.ring.complete(pending.stream, pending.slot, derivs, w)
 
     def _recomputed_derivatives(self, rec, y, m):
         """This iteration's (C + G, K) derivatives from the recomputation (SyncCBN: summed over

@@ -53,6 +53,14 @@ def _pair(window=4, compensate=True):
     return conv, layer
 
 
+def _batches(steps=8):
+    """``steps`` fixed (input, target) pairs in float64 on the CPU."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        yield (torch.randn(2, 8, 12, 12, generator=g, dtype=torch.float64) + 0.5,
+               torch.randn(2, 16, 12, 12, generator=g, dtype=torch.float64))
+
+
 def _step(conv, layer, opt, x, target):
     xi = x.detach().clone().requires_grad_()  # a leaf of its own on every side
     out = layer(conv(xi))
@@ -74,10 +82,7 @@ def test_cuda_matches_cpu_over_sgd_steps(device, dtype, compensate):
         gpu = (copy.deepcopy(conv).to(dev, dtype), copy.deepcopy(layer).to(dev, dtype))
         opts = [torch.optim.SGD([*c.parameters(), *n.parameters()], lr=0.05, momentum=0.9)
                 for c, n in (cpu, gpu)]
-        g = torch.Generator().manual_seed(1)
-        for _ in range(8):
-            x = torch.randn(2, 8, 12, 12, generator=g, dtype=torch.float64) + 0.5
-            target = torch.randn(2, 16, 12, 12, generator=g, dtype=torch.float64)
+        for x, target in _batches():
             with _reference():
                 out_c, grads_c = _step(*cpu, opts[0], x, target)
             out_g, grads_g = _step(*gpu, opts[1], x.to(dev, dtype), target.to(dev, dtype))
@@ -168,10 +173,7 @@ def test_default_tf32_settings_as_users_have_them():
     gpu_plain = (copy.deepcopy(conv).cuda(), plain.cuda())
     sides = (cpu, gpu, gpu_plain)
     opts = [torch.optim.SGD([*c.parameters(), *n.parameters()], lr=0.1) for c, n in sides]
-    g = torch.Generator().manual_seed(1)
-    for _ in range(8):
-        x = torch.randn(2, 8, 12, 12, generator=g, dtype=torch.float64) + 0.5
-        target = torch.randn(2, 16, 12, 12, generator=g, dtype=torch.float64)
+    for x, target in _batches():
         with _reference():
             out_c, _ = _step(*cpu, opts[0], x, target)
         out_g, _ = _step(*gpu, opts[1], x.cuda().float(), target.cuda().float())
