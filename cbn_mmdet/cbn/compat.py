@@ -18,8 +18,8 @@ import threading
 import torch
 import torch.autograd.graph as autograd_graph
 
-__all__ = ['autocast_enabled', 'saved_tensors_hooks_active', 'in_backward_recompute',
-           'addcmul_into', 'resolve', 'ensure_tracker']
+__all__ = ['autocast_enabled', 'reduced_matmul_precision', 'saved_tensors_hooks_active',
+           'in_backward_recompute', 'addcmul_into', 'resolve', 'ensure_tracker']
 
 
 # ---------------------------------------------------------------- autocast
@@ -44,6 +44,41 @@ def _takes_device_type() -> bool:
     except TypeError:
         return False
     return True
+
+
+# ---------------------------------------------------------------- matmul precision
+def _has_setting(obj, name: str) -> bool:
+    """``hasattr`` for torch's backend modules (torch < 2.9's ``torch.backends.cuda.matmul``
+    raises AssertionError, not AttributeError, for a name it does not know)."""
+    try:
+        getattr(obj, name)
+    except (AttributeError, AssertionError):
+        return False
+    return True
+
+
+def _matmul_settings(device_type: str) -> tuple:
+    """The per-backend settings that decide a float32 matmul's precision on ``device_type``,
+    innermost first (a backend's ``'none'`` defers to the generic ``torch.backends``)."""
+    backend = {'cuda': getattr(torch.backends.cuda, 'matmul', None),
+               'cpu': getattr(getattr(torch.backends, 'mkldnn', None), 'matmul', None)}.get(device_type)
+    return tuple(b for b in (backend, torch.backends) if _has_setting(b, 'fp32_precision'))
+
+
+def _reduced_per_backend(device_type: str) -> bool:  # torch >= 2.9: fp32_precision per backend
+    for setting in _matmul_settings(device_type):
+        value = setting.fp32_precision
+        if value != 'none':
+            return value != 'ieee'
+    return False
+
+
+def _reduced_legacy(device_type: str) -> bool:  # the process-wide set_float32_matmul_precision
+    return torch.get_float32_matmul_precision() != 'highest'
+
+
+def _per_backend_api() -> bool:
+    return _has_setting(getattr(torch.backends.cuda, 'matmul', None), 'fp32_precision')
 
 
 # ---------------------------------------------------------------- saved-tensor hooks
@@ -186,6 +221,7 @@ def _mixed_addcmul_works() -> bool:
 
 # ---------------------------------------------------------------- selection
 autocast_enabled = _autocast_enabled_by_device
+reduced_matmul_precision = _reduced_per_backend
 saved_tensors_hooks_active = _top_hooks_private
 in_backward_recompute = _in_graph_task_private
 addcmul_into = _addcmul_direct
@@ -198,18 +234,24 @@ def resolve(missing=(), install=True) -> dict:
     """Pick each function for the torch in use; returns ``{capability: implementation name}``.
 
     ``missing``: capabilities to treat as absent (tests): a name of :data:`PRIVATE_APIS`,
-    ``'autocast_device_arg'`` or ``'mixed_addcmul'``. (torch's own checkpointing calls the
+    ``'autocast_device_arg'``, ``'per_backend_precision'`` or ``'mixed_addcmul'``. (torch's own checkpointing calls the
     private APIs on new releases, so a test cannot always delete them for real.)
     ``install``: patch torch for the chosen fallbacks now (:func:`ensure_tracker`); the import
     passes False, leaving that to the first CBN layer built.
     """
-    global autocast_enabled, saved_tensors_hooks_active, in_backward_recompute, addcmul_into
-    unknown = set(missing) - set(PRIVATE_APIS) - {'autocast_device_arg', 'mixed_addcmul'}
+    global autocast_enabled, reduced_matmul_precision, saved_tensors_hooks_active
+    global in_backward_recompute, addcmul_into
+    unknown = set(missing) - set(PRIVATE_APIS) - {'autocast_device_arg', 'per_backend_precision',
+                                                    'mixed_addcmul'}
     if unknown:
         raise ValueError(f'compat.resolve: unknown capabilities {sorted(unknown)}')
     autocast_enabled = (_autocast_enabled_by_device
                         if 'autocast_device_arg' not in missing and _takes_device_type()
                         else _autocast_enabled_legacy)
+    # reading the process-wide setting after a per-backend one was set raises: never mix them
+    reduced_matmul_precision = (_reduced_per_backend
+                                if 'per_backend_precision' not in missing and _per_backend_api()
+                                else _reduced_legacy)
     has_top = ('_top_saved_tensors_default_hooks' not in missing
                and hasattr(torch._C._autograd, '_top_saved_tensors_default_hooks'))
     has_task = ('_current_graph_task_id' not in missing
@@ -225,6 +267,7 @@ def resolve(missing=(), install=True) -> dict:
     addcmul_into = (_addcmul_direct if 'mixed_addcmul' not in missing and _mixed_addcmul_works()
                     else _addcmul_upcast)
     return {'autocast_enabled': autocast_enabled.__name__,
+            'reduced_matmul_precision': reduced_matmul_precision.__name__,
             'saved_tensors_hooks_active': saved_tensors_hooks_active.__name__,
             'in_backward_recompute': in_backward_recompute.__name__,
             'addcmul_into': addcmul_into.__name__}

@@ -5,9 +5,11 @@ layer input, ``mu``/``nu`` its per-channel first and second moments over ``m = N
 ``dmu``/``dnu`` their derivatives with respect to the conv weight, computed in closed form with
 weight-gradient routines (no second autograd pass).
 
-Precision: everything here returns float32 (float64 for float64 inputs) whatever autocast or
-TF32 say: the small products run under :func:`exact_fp32` (autocast off; TF32 would round
-their operands to 10 bits, and the compensation is a small difference of two of them).
+Precision: everything here returns float32 (float64 for float64 inputs) whatever autocast
+says (:class:`no_autocast`). Where the user's settings let float32 matmuls round their operands
+(TF32, bf16), :func:`compensation_terms` multiplies by the weight in exact parts
+(:func:`bf16_parts`): the compensation is a small difference of two such products. No
+process-wide setting is read-modified-written.
 """
 import math
 from collections import OrderedDict
@@ -20,54 +22,18 @@ from . import compat
 from .conv_trace import ConvRecord
 from .kernels import memory_format, stats_dtype
 
-def _has_setting(obj, name: str) -> bool:
-    """``hasattr`` for torch's backend modules (torch < 2.9's ``torch.backends.cuda.matmul``
-    raises AssertionError, not AttributeError, for a name it does not know)."""
-    try:
-        getattr(obj, name)
-    except (AttributeError, AssertionError):
-        return False
-    return True
+class no_autocast:
+    """Autocast off inside (the small products and the statistics are float32 whatever the
+    activations run in). Autocast state is per thread; nothing process-wide is changed, and
+    nothing at all when autocast is off (the hot path)."""
 
-
-def _matmul_backend(device_type: str):
-    """The per-backend matmul precision setting for ``device_type`` (torch >= 2.9:
-    ``torch.backends.cuda.matmul.fp32_precision``, mkldnn's on the CPU), or None on torches that
-    only have the process-wide ``set_float32_matmul_precision``. Reading the process-wide one
-    after a per-backend one was set raises on those torches, so the two are never mixed."""
-    backend = {'cuda': getattr(torch.backends.cuda, 'matmul', None),
-               'cpu': getattr(getattr(torch.backends, 'mkldnn', None), 'matmul', None)}.get(device_type)
-    cuda_matmul = getattr(torch.backends.cuda, 'matmul', None)
-    if not _has_setting(cuda_matmul, 'fp32_precision'):
-        return None  # the legacy API only
-    return backend if _has_setting(backend, 'fp32_precision') else False
-
-
-class exact_fp32:
-    """Inside: autocast off and float32 matmuls in full precision (no TF32 / bf16 rounding):
-    the device's per-backend ``fp32_precision = 'ieee'`` where torch has that API, else
-    ``set_float32_matmul_precision('highest')``. Host-side flags, restored on exit, no sync;
-    nothing is changed when nothing needs changing (hot path). The flags are process-wide in
-    torch: other threads running matmuls meanwhile see them too."""
-
-    __slots__ = ('device_type', 'backend', 'prec', 'autocast')
+    __slots__ = ('device_type', 'autocast')
 
     def __init__(self, device_type: str):
         self.device_type = device_type
 
     def __enter__(self):
-        self.backend = _matmul_backend(self.device_type)
         self.autocast = None
-        if self.backend is None:
-            self.prec = torch.get_float32_matmul_precision()
-            if self.prec != 'highest':
-                torch.set_float32_matmul_precision('highest')
-        elif self.backend is False:
-            self.prec = 'highest'  # a device with no matmul precision setting
-        else:
-            self.prec = self.backend.fp32_precision
-            if self.prec != 'ieee':
-                self.backend.fp32_precision = 'ieee'
         if compat.autocast_enabled(self.device_type):
             self.autocast = torch.autocast(self.device_type, enabled=False)
             self.autocast.__enter__()
@@ -75,11 +41,16 @@ class exact_fp32:
     def __exit__(self, *exc):
         if self.autocast is not None:
             self.autocast.__exit__(*exc)
-        if self.backend is None:
-            if self.prec != 'highest':
-                torch.set_float32_matmul_precision(self.prec)
-        elif self.backend is not False and self.prec != 'ieee':
-            self.backend.fp32_precision = self.prec
+
+
+def bf16_parts(t: Tensor) -> Tensor:
+    """float32 ``t`` as (3, *t.shape) parts that sum to it exactly, each with at most 8
+    significant bits: every part is exact in bfloat16 and in TF32, so a matmul that rounds its
+    float32 operands to either still multiplies this operand exactly."""
+    hi = (t.view(torch.int32) & -65536).view(torch.float32)      # the top 8 significant bits
+    rest = t - hi                                                 # exact: at most 16 bits left
+    mid = (rest.view(torch.int32) & -65536).view(torch.float32)
+    return torch.stack((hi, mid, rest - mid))
 
 
 _TAPS_MAX = 256  # shapes kept; a detector sees a few per layer (image sizes x FPN levels)
@@ -144,13 +115,13 @@ def mean_patch(x: Tensor, kernel: Tuple[int, int], stride, padding, dilation,
             taps = _TAPS[key] = torch.kron(r, c).t().contiguous()              # (H*W, kh*kw)
         if out is not None:
             out = out.view(xs.shape[0], -1)
-        with exact_fp32(x.device.type):
+        with no_autocast(x.device.type):
             return torch.matmul(xs.view(xs.shape[0], -1), taps, out=out).view(-1, *kernel)
     rows = _tap_indicator(x.shape[2], out_hw[0], kernel[0], stride[0], padding[0], dilation[0],
                           1.0, x.device, dt)                              # (kh, H)
     cols = _tap_indicator(x.shape[3], out_hw[1], kernel[1], stride[1], padding[1], dilation[1],
                           scale, x.device, dt)                            # (kw, W)
-    with exact_fp32(x.device.type):
+    with no_autocast(x.device.type):
         return torch.matmul(torch.matmul(rows, xs), cols.t(), out=out)    # (C, kh, kw)
 
 
@@ -182,7 +153,7 @@ def derivatives(rec: ConvRecord, y: Tensor, normalize: bool = True,
     if m == 0:
         return out.zero_()
     div = m if normalize else 1
-    with torch.no_grad(), exact_fp32(y.device.type):
+    with torch.no_grad(), no_autocast(y.device.type):
         mean_patch(x, tuple(w.shape[2:]), rec.stride, rec.padding, rec.dilation,
                    tuple(y.shape[2:]), 1.0 / div, out=out[c:].view(-1, *w.shape[2:]))
         grad_out = y if y.dtype == x.dtype else y.to(x.dtype)
@@ -208,16 +179,23 @@ def compensation_terms(derivs: Tensor, weight: Tensor) -> Tensor:
 
     derivs: (C + G, E, K) in the layout of :func:`derivatives` (E slots), weight: (C, K). One
     batched matrix-vector product for ``nu`` (per channel) and one small matmul for ``mu`` (its
-    derivative is shared by the channels of a group), with autocast off and TF32 disabled (the
-    compensation is a small difference of two such terms).
+    derivative is shared by the channels of a group), autocast off. The compensation is a small
+    difference of two such terms with the same ``d``: where float32 matmuls may round their
+    operands (TF32, bf16), ``W`` enters as :func:`bf16_parts` (three products summed), so only
+    ``d`` is rounded, the same way in both terms, and the difference keeps float32 accuracy.
     """
     c, k = weight.shape
     g, e = derivs.shape[0] - c, derivs.shape[1]
     w = weight.to(derivs.dtype)
-    with exact_fp32(w.device.type):
-        # w as (C, K, 1) with strides (K, 1, K): BLAS takes a fast path for it (not for (K, 1, 1))
-        p_nu = torch.bmm(derivs[:c], w.view(c, 1, k).transpose(1, 2))           # (C, E, 1)
-        p_mu = torch.matmul(w.view(g, c // g, k), derivs[c:].transpose(1, 2))   # (G, C/G, E)
+    with no_autocast(w.device.type):
+        if w.dtype == torch.float32 and compat.reduced_matmul_precision(w.device.type):
+            parts = bf16_parts(w)                                                       # (3, C, K)
+            p_nu = torch.bmm(derivs[:c], parts.permute(1, 2, 0)).sum(2)                 # (C, E)
+            p_mu = torch.matmul(parts.view(3, g, c // g, k), derivs[c:].transpose(1, 2)).sum(0)
+        else:
+            # w as (C, K, 1) with strides (K, 1, K): BLAS takes a fast path for it (not (K, 1, 1))
+            p_nu = torch.bmm(derivs[:c], w.view(c, 1, k).transpose(1, 2))             # (C, E, 1)
+            p_mu = torch.matmul(w.view(g, c // g, k), derivs[c:].transpose(1, 2))     # (G, C/G, E)
     return torch.stack((p_mu.view(c, e), p_nu.view(c, e))).permute(2, 0, 1)
 
 

@@ -11,7 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import compat, kernels
 from .conv_trace import find_producing_conv
-from .functional import CountNormalize, derivatives, exact_fp32, non_finite, pool, window_factors
+from .functional import CountNormalize, derivatives, no_autocast, non_finite, pool, window_factors
 from .kernels import stats_dtype
 from .options import check_bool, check_eps, check_int, check_momentum, reject_unknown
 from .steps import StepTracker
@@ -298,7 +298,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if self._pending.under_hooks:
                 self._warn_lost_derivatives()
             self._pending = None
-        with torch.no_grad(), exact_fp32(y.device.type):
+        with torch.no_grad(), no_autocast(y.device.type):
             moments, derivs, m = self._moments(y, rec, None if deferred else w, kern)
             proj = None
             if stream is None:
@@ -387,7 +387,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return  # nothing upstream trains: the slot stays without compensation
         self._conv_weight = weakref.ref(rec.weight)
         w = rec.weight.detach().reshape(self.num_features, -1)
-        with torch.no_grad(), exact_fp32(y.device.type):
+        with torch.no_grad(), no_autocast(y.device.type):
             derivs = self._recomputed_derivatives(rec, y, pending.m)
             self.ring.complete(pending.stream, pending.slot, derivs, w)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cbn_mmdet.cbn import CrossIterationBatchNorm2d, kernels
+from cbn_mmdet.cbn import CrossIterationBatchNorm2d, compat, kernels
 from tests.cbn.cuda_emulation import emulated_cuda_kernels
 from tests.helpers import CPU_FP16_AUTOCAST, needs_cpu_fp16_autocast
 
@@ -158,13 +158,43 @@ def test_no_host_sync_in_training_steps_on_cuda(compensate):
     assert int(layer.cbn_valid.sum()) == 3
 
 
+@contextlib.contextmanager
+def _cublas_tf32(matmul):
+    """cuBLAS float32 matmuls as torch's default leaves them, or TF32 set the way this torch
+    recommends (per-backend ``fp32_precision`` where it has it, else the process-wide API)."""
+    if matmul == 'default':
+        yield
+        return
+    per_backend = compat._per_backend_api()
+    saved = (torch.backends.cuda.matmul.fp32_precision if per_backend
+             else torch.get_float32_matmul_precision())
+    if per_backend:
+        torch.backends.cuda.matmul.fp32_precision = 'tf32'
+    else:
+        torch.set_float32_matmul_precision('high')
+    try:
+        yield
+    finally:
+        if per_backend:
+            torch.backends.cuda.matmul.fp32_precision = saved
+        else:
+            torch.set_float32_matmul_precision(saved)
+
+
 @pytest.mark.cuda
-def test_default_tf32_settings_as_users_have_them():
+@pytest.mark.parametrize('matmul', ['default', 'tf32'])
+def test_default_tf32_settings_as_users_have_them(matmul):
     """The user's TF32 defaults left as they are (cuDNN: TF32 on for float32 convolutions, the
-    conv feeding CBN and CBN's d nu/dW convolution included; cuBLAS: per torch's default): 8 SGD
-    steps on the GPU stay within TF32's rounding of the CPU float64 run, and the compensation
-    survives (the compensated model is closer to float64 CBN than plain averaging is)."""
+    conv feeding CBN and CBN's d nu/dW convolution included; cuBLAS: per torch's default, or TF32
+    turned on for matmuls too): 8 SGD steps on the GPU stay within TF32's rounding of the CPU
+    float64 run, and the compensation survives (the compensated model is closer to float64 CBN
+    than plain averaging is)."""
     assert torch.backends.cudnn.allow_tf32, 'test needs the default cuDNN TF32 setting'
+    with _cublas_tf32(matmul):
+        _tf32_steps()
+
+
+def _tf32_steps():
     conv, layer = _pair()
     plain = copy.deepcopy(layer)
     plain.compensate = False

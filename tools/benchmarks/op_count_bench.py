@@ -1,7 +1,7 @@
 """Fixed cost per call: ATen ops dispatched per training step, and time per step at small shapes.
 
     python tools/benchmarks/op_count_bench.py [--device cpu|cuda] [--iters N] [--threads T]
-        [--breakdown] [--json out.json]
+        [--breakdown] [--matmul-precision highest|high|medium] [--json out.json]
 
 Norms: BN, GN(4), CBN (window 4, compensated), CBN plain averaging (window 4). The count is one
 training step of conv3x3 + norm (forward + backward, the 6th step, window full) counted with a
@@ -10,7 +10,9 @@ view), minus the ops of conv + identity + the same loss. Device-independent apar
 kernel set (fused CUDA kernels vs portable ops): with ``--device cuda`` the CUDA branch is
 counted and timed. On CPU ``--emulate-cuda`` counts the CUDA branch through the tests' CPU
 emulations of the fused kernels. Time: median of ``--iters`` steps (forward, backward, SGD),
-the norms interleaved step by step.
+the norms interleaved step by step. ``--matmul-precision high`` (TF32) or ``medium`` (bf16)
+counts the layer as it runs when the user lowered float32 matmul precision: the weight's
+products then go in three exact parts (docs/behaviour.md, TF32).
 """
 import argparse
 import collections
@@ -53,8 +55,8 @@ def norms(c):
     return {
         'BN': lambda: nn.BatchNorm2d(c),
         'GN': lambda: nn.GroupNorm(4, c),
-        'CBN': lambda: CrossIterationBatchNorm2d(c, window=4),
-        'CBN-avg': lambda: CrossIterationBatchNorm2d(c, window=4, compensate=False),
+        'CBN': lambda: CrossIterationBatchNorm2d(c, window=4, burnin=0),
+        'CBN-avg': lambda: CrossIterationBatchNorm2d(c, window=4, burnin=0, compensate=False),
         'identity': lambda: nn.Identity(),
     }
 
@@ -118,9 +120,12 @@ def main():
     ap.add_argument('--breakdown', action='store_true', help='print CBN ops by name')
     ap.add_argument('--emulate-cuda', action='store_true',
                     help='(CPU) count the CUDA branch through the tests\' kernel emulations')
+    ap.add_argument('--matmul-precision', default='highest', choices=['highest', 'high', 'medium'],
+                    help="torch.set_float32_matmul_precision for the run ('high': TF32)")
     ap.add_argument('--json')
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     ctx = None
     if args.emulate_cuda:
         from tests.cbn.cuda_emulation import emulated_cuda_kernels
@@ -128,6 +133,7 @@ def main():
         ctx.__enter__()
     meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                 threads=args.threads, device=args.device, date=time.strftime('%Y-%m-%d'),
+                matmul_precision=args.matmul_precision,
                 branch='fused (emulated)' if args.emulate_cuda else
                 ('fused' if args.device == 'cuda' else 'portable'))
     if args.device == 'cuda':
