@@ -1,5 +1,4 @@
 """Cross-Iteration Batch Normalization as a drop-in ``_BatchNorm`` subclass."""
-import warnings
 import weakref
 from typing import NamedTuple, Optional
 
@@ -17,6 +16,7 @@ from .options import check_bool, check_eps, check_int, check_momentum, reject_un
 from .steps import StepTracker
 from .window import (BUFFERS, SAVED_BUFFERS, RingWindow, adapt_state, apply_to_window, init_window,
                      saved_state)
+from .warn import warn
 
 # The window's keys in a saved window (window.py) and in state_dicts of layout version < 3.
 WINDOW_KEYS = SAVED_BUFFERS + ('cbn_valid', 'cbn_head')
@@ -32,13 +32,13 @@ def _warn_no_burnin(layer) -> None:
     global _warned_no_burnin
     _warned_no_burnin = True
     n = sum(1 for m in _LAYERS if m.window > 1 and not (m.burnin_given or m.configured_by_hook))
-    warnings.warn(
+    warn(
         f'{n} CBN layers (first: {layer._name()}) start their window at training step '
         f'{layer._step} with no burn-in: no `burnin` was given and no CBNHook is in the run. The '
         'paper trains as plain BN first (window started at full learning rate: box mAP 0.271 -> '
         "0.112 in docs/studies.md, study 5). Add custom_hooks=[dict(type='CBNHook', "
         "burnin_epochs='first_lr_step')] to the config, or give the layers `burnin` "
-        '(burnin=0 to start at once without this warning).', stacklevel=3)
+        '(burnin=0 to start at once without this warning).')
 
 
 class _Deferred(NamedTuple):
@@ -264,9 +264,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if self._warned_pending:
             return
         self._warned_pending = True
-        warnings.warn(f'{self._name()} ran under saved-tensor hooks that did not recompute it '
-                      '(not activation checkpointing, e.g. save_on_cpu): the conv input cannot be '
-                      'read there, so such iterations are stored without weight compensation.')
+        warn(f'{self._name()} ran under saved-tensor hooks that did not recompute it '
+             '(not activation checkpointing, e.g. save_on_cpu): the conv input cannot be '
+             'read there, so such iterations are stored without weight compensation.')
 
     def _factors(self, nvalid, m, dtype, device):
         """``(row, int counts)`` of :func:`window_factors` for ``nvalid`` stored iterations."""
@@ -290,8 +290,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 fix = (' (the conv was compiled by torch.compile: call cbn_mmdet.cbn.'
                        'keep_producing_convs_eager(model) before compiling; CBNHook does it when '
                        'mmengine compiles)')
-            warnings.warn(f'{self._name()}: its input comes from {why}, not from a 2-d conv'
-                          f'{fix}; stored statistics are averaged without weight compensation.')
+            warn(f'{self._name()}: its input comes from {why}, not from a 2-d conv'
+                 f'{fix}; stored statistics are averaged without weight compensation.')
         kern = kernels.select(y)
         w, deferred = self._compensation_weight(rec, why) if stream is not None else (None, False)
         if self._pending is not None:  # not completed by a recomputation
@@ -417,7 +417,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         state = dict(state)
         msg = adapt_state(state, '', self.window, self._name())
         if msg:
-            warnings.warn(msg)
+            warn(msg)
         self._set_window(state, '')
         self.ring = RingWindow(self)
 
@@ -438,7 +438,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             state_dict = dict(state_dict)  # adapted below; the caller's dict stays as it was
             msg = adapt_state(state_dict, prefix, self.window, self._name())
             if msg:
-                warnings.warn(msg)
+                warn(msg)
             self._set_window(state_dict, prefix)
         else:
             self.reset_window()

@@ -6,12 +6,13 @@ device syncs): the step counter, the calls of the current step (a head shared ac
 is called several times per step), whether a backward pass reached the layer since, and what
 each call normalized with, for activation checkpointing's recomputation.
 """
-import warnings
 import weakref
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+from .warn import warn
 
 # More calls than this in one step (no backward, no update in between) are taken as new steps.
 MAX_CALLS_PER_STEP = 16
@@ -46,10 +47,10 @@ class StepTracker:
         signature = tuple(p._version for p in params)
         grads_flow = torch.is_grad_enabled() and (y.requires_grad or bool(params))
         if self.calls >= MAX_CALLS_PER_STEP and not (self.backward_seen or self.overflow):
-            warnings.warn(f'{self._name()} was called {self.calls} times in training mode with '
-                          'no backward pass or parameter update in between; treating each further '
-                          'call as a new training step (until a backward pass reaches the layer). '
-                          'Call backward() per step, or run such passes under torch.no_grad().')
+            warn(f'{self._name()} was called {self.calls} times in training mode with '
+                 'no backward pass or parameter update in between; treating each further '
+                 'call as a new training step (until a backward pass reaches the layer). '
+                 'Call backward() per step, or run such passes under torch.no_grad().')
             self.overflow = True
         new_step = (self.backward_seen or self.overflow or signature != self.signature
                     or not grads_flow)

@@ -40,7 +40,8 @@ def test_matches_reference_over_sgd_steps(conv_name, window, compensate):
     """Outputs, input gradients, conv-weight gradients and running statistics agree with the
     autograd-derivative reference to 1e-6 relative over 12 SGD steps (float64)."""
     conv = nn.Conv2d(6, 8, **CONVS[conv_name]).double()
-    cbn = CrossIterationBatchNorm2d(8, window=window, compensate=compensate).double()
+    cbn = CrossIterationBatchNorm2d(8, window=window, compensate=compensate,
+                                    burnin=0).double()
     with torch.no_grad():
         cbn.weight.uniform_(0.5, 1.5)
         cbn.bias.uniform_(-0.5, 0.5)
@@ -251,9 +252,12 @@ def test_input_not_from_conv_warns_once_with_name_and_averages():
         warnings.simplefilter('always')
         for _ in range(3):
             model(torch.randn(2, 3, 5, 5)).sum().backward()
-    msgs = [str(w.message) for w in rec if 'not from a 2-d conv' in str(w.message)]
+    caught = [w for w in rec if 'not from a 2-d conv' in str(w.message)]
+    msgs = [str(w.message) for w in caught]
     assert len(msgs) == 1 and "'2'" not in msgs[0] and msgs[0].startswith('2:')
     assert 'ReluBackward0' in msgs[0]
+    # attributed to the code that called the model, not to the layer or torch's wrappers
+    assert caught[0].filename == __file__, caught[0].filename
 
 
 def test_no_graph_input_uses_plain_averaging_without_warning():
@@ -471,7 +475,9 @@ def test_window_without_burnin_warns_once_per_process(monkeypatch, recwarn):
     assert not [w for w in recwarn if 'no burn-in' in str(w.message)]
     loud = [CrossIterationBatchNorm2d(4), CrossIterationBatchNorm2d(4)]
     _train_two_steps(*loud)
-    msgs = [str(w.message) for w in recwarn if 'no burn-in' in str(w.message)]
+    caught = [w for w in recwarn if 'no burn-in' in str(w.message)]
+    msgs = [str(w.message) for w in caught]
     assert len(msgs) == 1, msgs
+    assert caught[0].filename == __file__, caught[0].filename  # not torch's compiler wrapper
     count = int(msgs[0].split()[0])  # the layers alive in the process in that case: these two
     assert count >= 2 and "type='CBNHook'" in msgs[0] and 'burnin=0' in msgs[0]  # (and leftovers)

@@ -71,8 +71,8 @@ def make(kind, c, device):
     norms = {
         'BN': lambda: nn.BatchNorm2d(c),
         'GN': lambda: nn.GroupNorm(32, c),
-        'CBN': lambda: CrossIterationBatchNorm2d(c, window=4),
-        'CBN-avg': lambda: CrossIterationBatchNorm2d(c, window=4, compensate=False),
+        'CBN': lambda: CrossIterationBatchNorm2d(c, window=4, burnin=0),
+        'CBN-avg': lambda: CrossIterationBatchNorm2d(c, window=4, burnin=0, compensate=False),
         'floor': lambda: Floor(c),
     }
     if kind == 'reference':
