@@ -57,9 +57,12 @@ def _has_setting(obj, name: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
 def _matmul_settings(device_type: str) -> tuple:
     """The per-backend settings that decide a float32 matmul's precision on ``device_type``,
-    innermost first (a backend's ``'none'`` defers to the generic ``torch.backends``)."""
+    innermost first (a backend's ``'none'`` defers to the generic ``torch.backends``). Found
+    once per device type: the setting objects are torch's singletons, their values are read
+    per call."""
     backend = {'cuda': getattr(torch.backends.cuda, 'matmul', None),
                'cpu': getattr(getattr(torch.backends, 'mkldnn', None), 'matmul', None)}.get(device_type)
     return tuple(b for b in (backend, torch.backends) if _has_setting(b, 'fp32_precision'))
